@@ -1,0 +1,3 @@
+from pnp_batch.cli import main
+
+raise SystemExit(main())

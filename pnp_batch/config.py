@@ -1,0 +1,223 @@
+"""PipelineConfig: presets (YAML) plus --set overrides, validated once at the edge."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "pipelines"
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+RESIZE_MODES = ("short_side", "center_crop")
+NEGATIVE_MODES = ("fixed", "source", "blend")
+NEGATIVE_SCHEDULES = ("linear", "constant", "exp")
+OUTPUT_FORMATS = ("png", "jpg", "webp")
+QUANTIZE = ("round", "floor")
+
+# Keys that change the stored inversion (the feature key hashes exactly these).
+INVERSION_KEYS = ("resolution", "resize_mode", "inversion_steps", "inversion_prompt", "steps")
+# Keys a manifest row may override for that row alone.
+ROW_OVERRIDES = ("negative_prompt", "seed", "guidance_scale", "pnp_f_t", "pnp_attn_t")
+
+
+class ConfigError(ValueError):
+    """The pipeline configuration cannot be used (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every setting of a translation pipeline; see pipelines/*.yaml and the README."""
+
+    model: str = "stabilityai/stable-diffusion-2-1-base"
+    revision: str = "main"
+    dtype: str = "auto"
+    device: str = "auto"
+    resolution: int = 512
+    resize_mode: str = "short_side"
+    inversion_steps: int = 50
+    inversion_prompt: str = ""
+    steps: int = 50
+    guidance_scale: float = 7.5
+    negative_prompt: str = "ugly, blurry, black, low res, unrealistic"
+    negative_prompt_mode: str = "fixed"
+    negative_prompt_alpha: float = 1.0
+    negative_prompt_schedule: str = "linear"
+    pnp_f_t: float = 0.8
+    pnp_attn_t: float = 0.5
+    seed: int = 1
+    output_format: str = "png"
+    quantize: str = "round"
+    batch_size: int | str = "auto"
+    max_pixels: int = 64_000_000
+    compile: bool = False
+    channels_last: bool = False
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """A short stable hash of every setting that changes the output image."""
+        d = self.to_dict()
+        for k in ("name", "device", "batch_size", "compile", "channels_last", "max_pixels"):
+            d.pop(k, None)
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> PipelineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _steps_error(cfg: PipelineConfig) -> str | None:
+    gen = generation_timesteps(cfg.steps)
+    inv = set(inversion_timesteps(cfg.inversion_steps))
+    missing = [t for t in gen if t not in inv]
+    if missing:
+        return (
+            f"inversion_steps={cfg.inversion_steps} gives timesteps {_describe(sorted(inv))}, "
+            f"which do not contain the generation timesteps of steps={cfg.steps} "
+            f"({_describe(sorted(gen))}; missing {_describe(missing)}). Use inversion_steps={cfg.steps}, "
+            f"999, or another count whose timesteps contain them."
+        )
+    return None
+
+
+def _describe(ts: list[int]) -> str:
+    if len(ts) <= 6:
+        return "[" + ", ".join(map(str, ts)) + "]"
+    return f"[{ts[0]}, {ts[1]}, {ts[2]}, ..., {ts[-1]}] ({len(ts)} steps)"
+
+
+def leading_timesteps(n: int, train_steps: int = 1000, offset: int = 1) -> list[int]:
+    """DDIM 'leading' spacing with SD's steps_offset=1, as diffusers' DDIMScheduler; descending."""
+    ratio = train_steps // n
+    return sorted(((i * ratio) + offset for i in range(n)), reverse=True)
+
+
+def generation_timesteps(steps: int) -> list[int]:
+    return leading_timesteps(steps)
+
+
+def inversion_timesteps(steps: int) -> list[int]:
+    return leading_timesteps(steps)
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Raise ConfigError naming the key and the allowed values."""
+
+    def choice(key: str, allowed: tuple[str, ...]) -> None:
+        v = getattr(cfg, key)
+        if v not in allowed:
+            raise ConfigError(f"{key}={v!r} is not one of {', '.join(allowed)}")
+
+    choice("dtype", DTYPES)
+    choice("resize_mode", RESIZE_MODES)
+    choice("negative_prompt_mode", NEGATIVE_MODES)
+    choice("negative_prompt_schedule", NEGATIVE_SCHEDULES)
+    choice("output_format", OUTPUT_FORMATS)
+    choice("quantize", QUANTIZE)
+    if not cfg.model:
+        raise ConfigError("model must name a hub id, a local diffusers folder, a checkpoint file or 'tiny'")
+    for key in ("steps", "inversion_steps"):
+        v = getattr(cfg, key)
+        if not isinstance(v, int) or not 1 <= v <= 1000:
+            raise ConfigError(f"{key}={v!r} must be a whole number from 1 to 1000")
+    if not isinstance(cfg.resolution, int) or not 64 <= cfg.resolution <= 4096 or cfg.resolution % 8:
+        raise ConfigError(f"resolution={cfg.resolution!r} must be a multiple of 8 from 64 to 4096")
+    for key in ("pnp_f_t", "pnp_attn_t", "negative_prompt_alpha"):
+        v = getattr(cfg, key)
+        if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{key}={v!r} must be a number from 0 to 1")
+    if not isinstance(cfg.guidance_scale, (int, float)) or cfg.guidance_scale < 0:
+        raise ConfigError(f"guidance_scale={cfg.guidance_scale!r} must be a number >= 0")
+    if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 3):
+        raise ConfigError(f"batch_size={cfg.batch_size!r} must be 'auto' or a whole number >= 3 (UNet batch elements)")
+    if not isinstance(cfg.max_pixels, int) or cfg.max_pixels < 1:
+        raise ConfigError(f"max_pixels={cfg.max_pixels!r} must be a positive whole number")
+    if not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed={cfg.seed!r} must be a whole number")
+    err = _steps_error(cfg)
+    if err:
+        raise ConfigError(err)
+
+
+_FIELDS = {f.name: f for f in fields(PipelineConfig)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Turn a YAML/--set value into the field's type; strings from --set are parsed as YAML."""
+    if key not in _FIELDS:
+        raise ConfigError(f"unknown pipeline key {key!r}; known keys: {', '.join(sorted(_FIELDS))}")
+    if isinstance(value, str) and key not in ("model", "revision", "inversion_prompt", "negative_prompt", "name"):
+        try:
+            value = yaml.safe_load(value) if value != "" else value
+        except yaml.YAMLError:
+            pass
+    typ = _FIELDS[key].type
+    if value is None and key in ("inversion_prompt", "negative_prompt"):
+        value = ""
+    try:
+        if typ == "int" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if typ == "float" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if typ == "bool" and isinstance(value, str):
+            value = {"true": True, "false": False}[value.lower()]
+    except KeyError as e:
+        raise ConfigError(f"{key}={value!r} must be true or false") from e
+    if typ == "str" and not isinstance(value, str):
+        value = str(value)
+    if typ in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{key}={value!r} must be a number")
+    return value
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(pipeline: str = "sd21-base", overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:
+    """Load a preset by name or a YAML file, apply KEY=VALUE overrides, validate."""
+    path = Path(pipeline)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"pipeline file {pipeline!r} does not exist")
+        name = path.stem
+    else:
+        path = PRESET_DIR / f"{pipeline}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown pipeline {pipeline!r}; presets: {', '.join(preset_names())}, or a YAML file")
+        name = pipeline
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"pipeline {pipeline!r} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"pipeline {pipeline!r} must be a mapping of keys to values")
+    values: dict[str, Any] = {"name": name}
+    for k, v in raw.items():
+        values[k] = _coerce(k, v)
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r} must be KEY=VALUE")
+            k, v = item.split("=", 1)
+            items.append((k.strip(), v))
+    for k, v in items:
+        values[k] = _coerce(k, v)
+    try:
+        return PipelineConfig(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from e
