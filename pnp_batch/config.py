@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from pnp_batch.errors import UsageError
+
 PRESET_DIR = Path(__file__).parent / "pipelines"
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -26,7 +28,7 @@ INVERSION_KEYS = ("resolution", "resize_mode", "inversion_steps", "inversion_pro
 ROW_OVERRIDES = ("negative_prompt", "seed", "guidance_scale", "pnp_f_t", "pnp_attn_t")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """The pipeline configuration cannot be used (exit status 2)."""
 
 

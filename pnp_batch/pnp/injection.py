@@ -1,0 +1,159 @@
+"""PnP injection: one controller, a self-attention processor and a conv2 forward hook (PNP_SPEC.md §4).
+
+Everything goes through diffusers' own extension points: `unet.set_attn_processor` with the standard
+processor call signature for the 8 decoder self-attention layers, and a forward hook on
+`up_blocks[1].resnets[1].conv2`. No module's forward is replaced and no state hangs on modules: the
+`PnPController` holds the step and which batch rows receive the source's features.
+
+Batch convention: when a UNet call carries the source branch, it is row 0; every other row is a
+target element (unconditional/negative/conditional copies of the K targets). When a target batch is
+split across several UNet calls, the call with the source records its features and the later calls
+inject the recorded ones, so the source branch runs once per step however the targets are split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# up_blocks index -> attention indices whose attn1 is injected: decoder layers 4 to 11.
+ATTN_LAYERS: dict[int, tuple[int, ...]] = {1: (1, 2), 2: (0, 1, 2), 3: (0, 1, 2)}
+CONV_BLOCK = (1, 1)  # up_blocks[1].resnets[1]
+
+
+def attn_processor_names() -> list[str]:
+    """The attention-processor keys (as in `unet.attn_processors`) of the injected layers."""
+    return [
+        f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1.processor"
+        for b, idx in ATTN_LAYERS.items()
+        for a in idx
+    ]
+
+
+Rows = slice | torch.Tensor | None
+
+
+@dataclass
+class PnPController:
+    """Which rows to inject at the current UNet call, and the recorded source features.
+
+    `conv_rows` / `attn_rows` select the target rows (of the current call's batch) that receive the
+    source's conv features / queries and keys; None means no injection in this call.
+    """
+
+    conv_rows: Rows = None
+    attn_rows: Rows = None
+    has_source: bool = True
+    record: bool = False
+    recorded: dict[str, torch.Tensor] = field(default_factory=dict)
+    calls: int = 0
+    injected: dict[str, int] = field(default_factory=dict)
+    count_injections: bool = False
+
+    def set_call(self, conv_rows: Rows, attn_rows: Rows, has_source: bool, record: bool) -> None:
+        """Arm the controller for the next UNet call."""
+        self.conv_rows, self.attn_rows = conv_rows, attn_rows
+        self.has_source, self.record = has_source, record
+        if has_source:
+            self.recorded.clear()
+
+    def disable(self) -> None:
+        self.conv_rows = self.attn_rows = None
+        self.recorded.clear()
+
+    def _source(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if self.has_source:
+            src = t[:1]
+            if self.record:
+                self.recorded[name] = src.clone()
+            return src
+        return self.recorded[name]
+
+    def inject(self, name: str, t: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """Copy the source element's values into `rows` of t (in place) and return t."""
+        if rows is None:
+            return t
+        src = self._source(name, t)
+        if isinstance(rows, slice):
+            t[rows] = src
+        else:
+            t.index_copy_(0, rows, src.expand(rows.shape[0], *src.shape[1:]).contiguous())
+        if self.count_injections:
+            n = (len(range(*rows.indices(t.shape[0]))) if isinstance(rows, slice) else int(rows.numel()))
+            self.injected[name] = self.injected.get(name, 0) + n
+        return t
+
+
+class PnPAttnProcessor:
+    """Scaled-dot-product self-attention whose target rows use the source's queries and keys."""
+
+    def __init__(self, controller: PnPController, name: str) -> None:
+        self.controller = controller
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, seq, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(context)
+        value = attn.to_v(context)
+        rows = self.controller.attn_rows
+        if rows is not None and encoder_hidden_states is None:
+            query = self.controller.inject(self.name + ".q", query, rows)
+            key = self.controller.inject(self.name + ".k", key, rows)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class PnPInjector:
+    """Installs the processors and the conv hook on a UNet once; the controller drives them."""
+
+    def __init__(self, unet) -> None:
+        self.unet = unet
+        self.controller = PnPController()
+        procs = dict(unet.attn_processors)
+        names = attn_processor_names()
+        missing = [n for n in names if n not in procs]
+        if missing:
+            raise ValueError(f"the UNet lacks PnP's injection layers {missing}; see PNP_SPEC.md section 7")
+        for n in names:
+            procs[n] = PnPAttnProcessor(self.controller, n.removesuffix(".processor"))
+        unet.set_attn_processor(procs)
+        b, r = CONV_BLOCK
+        self.conv_module = unet.up_blocks[b].resnets[r].conv2
+        self._hook = self.conv_module.register_forward_hook(self._conv_hook)
+
+    def _conv_hook(self, module, inputs, output):
+        return self.controller.inject("conv", output, self.controller.conv_rows)
+
+    def remove(self) -> None:
+        self._hook.remove()

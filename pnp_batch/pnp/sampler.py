@@ -1,0 +1,225 @@
+"""The PnP sampling loop (PNP_SPEC.md §3): K target prompts for one source, one shared source branch.
+
+Steps: 1. check inputs; 2. plan every UNet call of every step (batch layout, which rows get
+injected, index tensors) before the loop, so the loop itself does no host-device synchronisation;
+3. denoise: per step, the source branch (row 0) and the target elements, guidance, DDIM step;
+4. return the final latents (decoding is the caller's).
+
+Layout of the target elements: kind-major, [neg_1..neg_K, cond_1..cond_K] (with "blend" negative
+prompting: [uncond_1..K, neg_1..K, cond_1..K]), so guidance is one vectorised expression.
+Once no target is injected any more at a step (i >= every threshold), the source branch is dropped:
+its output is never used, so this changes nothing but the cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pnp_batch.pnp.injection import PnPInjector
+from pnp_batch.pnp.inversion import make_scheduler
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target prompt's conditioning and settings."""
+
+    cond: torch.Tensor  # (77, D) embedding of the target prompt
+    negative: torch.Tensor  # (77, D) embedding of the negative prompt (fixed string or source prompt)
+    guidance_scale: float
+    f_steps: int  # feature injection at steps i < f_steps
+    attn_steps: int  # q/k injection at steps i < attn_steps
+    blend_alphas: tuple[float, ...] | None = None  # per-step alpha for "blend" negative prompting
+
+
+@dataclass
+class SampleOutput:
+    latents: torch.Tensor  # (K, C, h, w), float32
+    unet_calls: int
+    batch_elements: int
+    source_elements: int
+
+
+@dataclass
+class _Call:
+    elements: torch.Tensor  # indices into the element list (device)
+    n: int
+    has_source: bool
+    record: bool
+    conv_rows: slice | torch.Tensor | None
+    attn_rows: slice | torch.Tensor | None
+    emb: torch.Tensor  # (batch, 77, D) conditioning for this call
+
+
+@dataclass
+class _Plan:
+    calls: list[list[_Call]] = field(default_factory=list)  # per step
+
+
+def blend_alphas(schedule: str, alpha: float, steps: int) -> tuple[float, ...]:
+    """The authors' original negative-prompt blend schedule: linear, constant or exp, times alpha."""
+    if schedule == "linear":
+        a = np.flip(np.linspace(0, 1, steps))
+    elif schedule == "constant":
+        a = np.ones(steps)
+    elif schedule == "exp":
+        a = np.exp(-6 * np.linspace(0, 1, steps))
+    else:
+        raise ValueError(f"unknown negative_prompt_schedule {schedule!r}")
+    return tuple(float(v) for v in a * alpha)
+
+
+def _rows(mask: list[bool], offset: int, device: torch.device, cache: dict) -> slice | torch.Tensor | None:
+    """Rows (of a call's batch) selected by mask, as a slice when contiguous to the end, else an index."""
+    if not any(mask):
+        return None
+    if all(mask):
+        return slice(offset, None)
+    idx = tuple(offset + j for j, m in enumerate(mask) if m)
+    if idx not in cache:
+        cache[idx] = torch.tensor(idx, device=device, dtype=torch.long)
+    return cache[idx]
+
+
+def _plan(
+    targets: list[Target], uncond: torch.Tensor, steps: int, max_batch: int, device: torch.device, blend: bool
+) -> tuple[_Plan, torch.Tensor]:
+    """Every UNet call of every step, decided before the loop."""
+    k = len(targets)
+    kinds = 3 if blend else 2
+    # element e -> (kind, target); kind 0 = uncond (blend only), then negative, then cond.
+    owner = [e % k for e in range(kinds * k)]
+    embs = []
+    if blend:
+        embs += [uncond[0]] * k
+    embs += [t.negative for t in targets] + [t.cond for t in targets]
+    all_emb = torch.stack(embs)
+    idx_cache: dict = {}
+    emb_cache: dict = {}
+    plan = _Plan()
+    for i in range(steps):
+        inject_f = [i < targets[owner[e]].f_steps for e in range(len(owner))]
+        inject_a = [i < targets[owner[e]].attn_steps for e in range(len(owner))]
+        need_source = any(inject_f) or any(inject_a)
+        calls = []
+        start = 0
+        first = True
+        while start < len(owner):
+            has_source = need_source and first
+            room = max_batch - (1 if has_source else 0)
+            stop = min(len(owner), start + max(room, 1))
+            sel = list(range(start, stop))
+            offset = 1 if has_source else 0
+            key = (tuple(sel), has_source)
+            if key not in emb_cache:
+                rows = all_emb[sel]
+                emb_cache[key] = (
+                    torch.cat([uncond, rows]) if has_source else rows,
+                    torch.tensor(sel, device=device, dtype=torch.long),
+                )
+            emb, elements = emb_cache[key]
+            calls.append(
+                _Call(
+                    elements=elements,
+                    n=len(sel),
+                    has_source=has_source,
+                    record=has_source and stop < len(owner),
+                    conv_rows=_rows([inject_f[e] for e in sel], offset, device, idx_cache) if need_source else None,
+                    attn_rows=_rows([inject_a[e] for e in sel], offset, device, idx_cache) if need_source else None,
+                    emb=emb,
+                )
+            )
+            first = False
+            start = stop
+        plan.calls.append(calls)
+    return plan, all_emb
+
+
+@torch.no_grad()
+def pnp_sample(
+    unet,
+    injector: PnPInjector | None,
+    scheduler_config: dict,
+    source_latents: torch.Tensor,
+    uncond: torch.Tensor,
+    targets: list[Target],
+    steps: int,
+    max_batch: int,
+    on_step: Callable[[int], None] | None = None,
+) -> SampleOutput:
+    """Translate one source for K targets.
+
+    source_latents: (steps, 1, C, h, w), the stored inversion latents at the generation timesteps,
+    noisiest first; x starts from source_latents[0] for every target. uncond: (1, 77, D) = emb("").
+    With `injector=None` nothing is injected and no source branch runs (plain DDIM sampling).
+    """
+    # 1. check inputs
+    if not targets:
+        raise ValueError("no targets")
+    if source_latents.shape[0] != steps:
+        raise ValueError(f"expected {steps} source latents, got {source_latents.shape[0]}")
+    if max_batch < 2:
+        raise ValueError("max_batch must be at least 2")
+    device = source_latents.device
+    dtype = unet.dtype
+    k = len(targets)
+    blend = targets[0].blend_alphas is not None
+    if injector is None:
+        targets = [Target(t.cond, t.negative, t.guidance_scale, 0, 0, t.blend_alphas) for t in targets]
+    sched = make_scheduler(scheduler_config, steps)
+    timesteps = [int(t) for t in sched.timesteps.tolist()]
+
+    # 2. plan
+    plan, _ = _plan(targets, uncond.to(dtype), steps, max_batch, device, blend)
+    g = torch.tensor([t.guidance_scale for t in targets], device=device, dtype=torch.float32).view(k, 1, 1, 1)
+    alphas = (
+        torch.tensor([t.blend_alphas for t in targets], device=device, dtype=torch.float32).T.reshape(steps, k, 1, 1, 1)
+        if blend
+        else None
+    )
+    controller = injector.controller if injector is not None else None
+    x = source_latents[0].float().expand(k, *source_latents.shape[2:]).clone()
+    kinds = 3 if blend else 2
+    out = torch.empty((kinds * k, *x.shape[1:]), device=device, dtype=torch.float32)
+    calls = elements = src_elements = 0
+
+    # 3. denoise
+    try:
+        for i, t in enumerate(timesteps):
+            x_elems = x.repeat(kinds, 1, 1, 1)
+            for call in plan.calls[i]:
+                xin = x_elems.index_select(0, call.elements) if call.n < len(x_elems) else x_elems
+                if call.has_source:
+                    xin = torch.cat([source_latents[i].float(), xin])
+                if controller is not None:
+                    controller.set_call(call.conv_rows, call.attn_rows, call.has_source, call.record)
+                pred = unet(xin.to(dtype), t, encoder_hidden_states=call.emb).sample.float()
+                if call.has_source:
+                    pred = pred[1:]
+                    src_elements += 1
+                if call.n < len(x_elems):
+                    out.index_copy_(0, call.elements, pred)
+                else:
+                    out.copy_(pred)
+                calls += 1
+                elements += call.n + (1 if call.has_source else 0)
+            # Guidance is linear, so it applies to the model's raw output (eps or v) and
+            # scheduler.step converts by the model's prediction type, as diffusers' pipelines do.
+            if blend:
+                e_unc, e_neg, e_cond = out.chunk(3)
+                a = alphas[i]
+                e_base = a * e_unc + (1 - a) * e_neg
+            else:
+                e_base, e_cond = out.chunk(2)
+            eps = e_base + g * (e_cond - e_base)
+            x = sched.step(eps, t, x).prev_sample
+            if on_step is not None:
+                on_step(i)
+    finally:
+        if controller is not None:
+            controller.disable()
+    # 4. output
+    return SampleOutput(x, calls, elements, src_elements)
