@@ -1,0 +1,102 @@
+"""Shared fixtures: an S3 endpoint on loopback (moto's threaded server) and small helpers.
+
+Nothing here runs at import time; the S3 server starts only for tests that ask for it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+S3_KEY_ID = "testing"
+S3_SECRET = "testing-secret-Zq8uX2vLw9"  # distinctive, so tests can assert it never leaks
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Start moto's S3 server on 127.0.0.1 and point the AWS environment at it.
+
+    The variables stay in ``os.environ`` for the session so that subprocesses and Ray workers
+    inherit them; they are restored afterwards.
+    """
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": S3_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_SESSION_TOKEN", "AWS_PROFILE"]}
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.update(env)
+    _reset_fs_caches()
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _reset_fs_caches()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> Iterator[str]:
+    """A fresh, empty bucket; yields ``s3://<bucket>``."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    _reset_fs_caches()
+    try:
+        yield f"s3://{name}"
+    finally:
+        _reset_fs_caches()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_storage_options() -> Iterator[None]:
+    """Process-wide storage options never leak from one test into the next."""
+    yield
+    from pnp_batch import storage
+
+    storage.configure(None)
+
+
+def _reset_fs_caches() -> None:
+    from pnp_batch import storage
+
+    storage.reset_cache()
+
+
+def _png_bytes(width: int = 8, height: int = 6, mode: str = "RGB", seed: int = 0) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def make_png() -> Callable[..., bytes]:
+    """``make_png(width=8, height=6, mode="RGB", seed=0)``: a deterministic PNG made in memory
+    (no binary files in git)."""
+    return _png_bytes
