@@ -1,0 +1,198 @@
+"""The `pnp-batch` command: parses, calls one function per verb, sets exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from pnp_batch import __version__
+from pnp_batch.errors import UsageError
+
+log = logging.getLogger("pnp_batch")
+
+EPILOG = """exit status: 0 every row done (now or in an earlier run); 1 the run finished but some rows
+failed (each recorded with its reason); 2 the request itself is unusable (nothing is written)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own usage errors exit 2 as well, with our wording
+        self.print_usage(sys.stderr)
+        self.exit(2, f"pnp-batch: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pnp-batch", description="Plug-and-Play diffusion image translation over datasets.",
+                epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"pnp-batch {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="translate every row of a manifest", epilog=EPILOG)
+    r.add_argument("manifest", help="Parquet/CSV/JSONL file, folder or prefix of Parquet files; local or s3://...")
+    r.add_argument("--out", required=True, help="output folder or object-store prefix")
+    r.add_argument("--pipeline", default="sd21-base", help="preset name (pipelines/) or YAML file; default sd21-base")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pipeline key (repeatable), e.g. --set inversion_steps=999")
+    r.add_argument("--engine", choices=("local", "ray"), default="local", help="local (one process) or ray")
+    r.add_argument("--ray-address", default=None, help="Ray cluster to join ('auto' = running cluster); "
+                   "default: start a local Ray instance")
+    r.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, or CPUs/2)")
+    r.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per Ray actor (default 1 with GPUs)")
+    r.add_argument("--features", default=None, help="feature store URI (default OUT/features); shareable")
+    r.add_argument("--limit", type=int, default=None, help="only the first N manifest rows")
+    r.add_argument("--overwrite", action="store_true", help="redo rows already done")
+    r.add_argument("--dry-run", action="store_true", help="validate and plan; load no model")
+    r.add_argument("--no-report", action="store_true", help="skip the contact sheet")
+    r.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec storage option (repeatable), e.g. client_kwargs.region_name=eu-west-1")
+
+    v = sub.add_parser("validate", help="check a manifest without loading a model")
+    v.add_argument("manifest")
+    v.add_argument("--check-images", action="store_true", help="also open every image")
+    v.add_argument("--max-pixels", type=int, default=64_000_000)
+    v.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+
+    s = sub.add_parser("status", help="done / failed / pending counts of an output")
+    s.add_argument("out")
+    s.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+
+    m = sub.add_parser("make-test-model", help="write the offline tiny test model (diffusers format)")
+    m.add_argument("dir")
+    m.add_argument("--seed", type=int, default=0)
+
+    b = sub.add_parser("bench", help="side-by-side cost benchmark (see README)")
+    b.add_argument("--arch", default="tiny", help="tiny, sd21-base (random weights, full size) or sd15")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--dtype", default="auto")
+    b.add_argument("--resolution", type=int, default=None)
+    b.add_argument("--steps", type=int, default=None)
+    b.add_argument("--reference-inversion-steps", type=int, default=None,
+                   help="the authors' inversion step count (999); lower it for a quick CPU run")
+    b.add_argument("--k", type=int, action="append", default=None, help="prompts per source (repeatable)")
+    b.add_argument("--sources", type=int, default=None)
+    b.add_argument("--compile", action="store_true")
+    b.add_argument("--json", default=None, help="write the figures as JSON here")
+    b.add_argument("--data", action="store_true", help="also run the data-plane benchmarks")
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "aiobotocore", "filelock", "httpx", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _storage(items: list[str]) -> dict:
+    from pnp_batch import storage
+
+    opts = storage.merge_options(items)
+    storage.configure(opts)
+    return opts
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from pnp_batch.config import load_config
+    from pnp_batch.engines.base import RunRequest, plan
+
+    opts = _storage(a.storage_option)
+    cfg = load_config(a.pipeline, a.overrides)
+    if a.limit is not None and a.limit < 0:
+        raise UsageError("--limit must be >= 0")
+    if a.workers is not None and a.workers < 1:
+        raise UsageError("--workers must be >= 1")
+    if a.gpus_per_worker is not None and a.gpus_per_worker < 0:
+        raise UsageError("--gpus-per-worker must be >= 0")
+    req = RunRequest(
+        manifest=a.manifest, out=a.out, cfg=cfg, features=a.features, limit=a.limit, overwrite=a.overwrite,
+        dry_run=a.dry_run, engine=a.engine, ray_address=a.ray_address, workers=a.workers,
+        gpus_per_worker=a.gpus_per_worker, report=not a.no_report, storage_options=opts,
+    )
+    if a.dry_run:
+        _, _, p = plan(req)
+        print(f"manifest: {a.manifest}\nrows: {p.total}\nalready done: {p.done_before}\nto do: {p.todo}")
+        print(f"pipeline: {cfg.name} (config {cfg.hash()}), model {cfg.model}, steps {cfg.steps}, "
+              f"inversion_steps {cfg.inversion_steps}")
+        print(f"output: {a.out}\nfeatures: {req.features_uri}\nengine: {a.engine}")
+        return 0
+    if a.engine == "ray":
+        from pnp_batch.engines.ray import RayBackend
+
+        backend = RayBackend()
+    else:
+        from pnp_batch.engines.local import LocalBackend
+
+        backend = LocalBackend()
+    from pnp_batch.engines.base import execute
+
+    if cfg.model == "tiny":
+        log.warning("pipeline model is 'tiny': a random-weight test model; outputs show the plumbing, not quality")
+    return execute(req, backend)
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from pnp_batch.manifest import validate_manifest
+
+    _storage(a.storage_option)
+    report = validate_manifest(a.manifest, check_images=a.check_images, max_pixels=a.max_pixels)
+    print(report.format())
+    return 0 if report.ok else 2
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from pnp_batch.results import status_report
+
+    _storage(a.storage_option)
+    print(status_report(a.out).format())
+    return 0
+
+
+def cmd_make_test_model(a: argparse.Namespace) -> int:
+    from pnp_batch.models import make_test_model
+
+    path = make_test_model(a.dir, seed=a.seed)
+    print(f"wrote the tiny test model to {path} (use --set model={path} or --pipeline tiny)")
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from pnp_batch.bench import run_bench
+
+    return run_bench(a)
+
+
+VERBS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "status": cmd_status,
+    "make-test-model": cmd_make_test_model,
+    "bench": cmd_bench,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return VERBS[args.verb](args)
+    except UsageError as e:
+        from pnp_batch.storage import redact
+
+        print(f"pnp-batch: error: {redact(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pnp-batch: interrupted; re-run the same command to finish the remaining rows", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The run driver shared by every engine: manifest -> to-do rows -> groups -> backend -> results."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator, Protocol
+
+from pnp_batch import __version__, storage
+from pnp_batch.config import PipelineConfig
+from pnp_batch.manifest import Manifest, Row, group_rows, open_manifest
+from pnp_batch.results import ResultWriter, load_latest, make_run_id, write_run_summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunRequest:
+    """Everything `pnp-batch run` was asked to do."""
+
+    manifest: str
+    out: str
+    cfg: PipelineConfig
+    features: str | None = None
+    limit: int | None = None
+    overwrite: bool = False
+    dry_run: bool = False
+    engine: str = "local"
+    ray_address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    group_window: int = 256
+    report: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def features_uri(self) -> str:
+        return self.features or storage.join(self.out, "features")
+
+
+class Backend(Protocol):
+    """Where groups are translated: in this process, or on Ray actors."""
+
+    name: str
+
+    def start(self, req: RunRequest) -> None: ...
+
+    def map_groups(self, groups: Iterator[list[Row]]) -> Iterator[list[dict[str, Any]]]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def stop(self) -> None: ...
+
+
+class Progress:
+    """A bar on a terminal, periodic log lines otherwise (CI, Ray jobs)."""
+
+    def __init__(self, total: int, desc: str, interval: float = 30.0) -> None:
+        self.total, self.done, self.failed = total, 0, 0
+        self.start = time.monotonic()
+        self.last = self.start
+        self.interval = interval
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True)
+        else:
+            log.info("%s: %d rows to do", desc, total)
+
+    def update(self, ok: int, failed: int) -> None:
+        self.done += ok + failed
+        self.failed += failed
+        if self.bar is not None:
+            self.bar.update(ok + failed)
+            self.bar.set_postfix(failed=self.failed)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.interval or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info(
+                "progress: %d/%d rows done (%d failed), %.2f rows/s, ETA %s",
+                self.done, self.total, self.failed, rate, _fmt_eta(eta),
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt_eta(s: float) -> str:
+    if s == float("inf"):
+        return "unknown"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
+
+
+@dataclass
+class Plan:
+    total: int
+    done_before: int
+    todo: int
+
+
+def todo_rows(manifest: Manifest, done: dict[str, str], req: RunRequest) -> Iterator[Row]:
+    """Rows of the manifest not yet ok (all rows with --overwrite), streaming."""
+    for row in manifest.iter_rows(limit=req.limit):
+        if not req.overwrite and done.get(row.id) == "ok":
+            continue
+        yield row
+
+
+def plan(req: RunRequest) -> tuple[Manifest, dict[str, str], Plan]:
+    """Open and check the manifest (exit 2 on failure), read the done-index, count the work."""
+    manifest = open_manifest(req.manifest)
+    total = manifest.check_ids()
+    if req.limit is not None:
+        total = min(total, req.limit)
+    done = {} if req.overwrite else load_latest(req.out)
+    todo = sum(1 for _ in todo_rows(manifest, done, req))
+    return manifest, done, Plan(total=total, done_before=total - todo, todo=todo)
+
+
+def versions() -> dict[str, str]:
+    out = {"pnp_batch": __version__, "python": platform.python_version()}
+    for mod in ("torch", "diffusers", "transformers", "pyarrow", "ray"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            out[mod] = getattr(m, "__version__", "?")
+    return out
+
+
+def execute(req: RunRequest, backend: Backend) -> int:
+    """Run the request on the backend; returns the exit status (0 all done, 1 some rows failed)."""
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+    manifest, done, p = plan(req)
+    run_id = make_run_id()
+    log.info(
+        "run %s: %d rows in the manifest, %d already done, %d to do (engine %s, pipeline %s)",
+        run_id, p.total, p.done_before, p.todo, backend.name, req.cfg.name,
+    )
+    counts = {"ok": 0, "failed": 0}
+    sample: list[dict[str, Any]] = []
+    writer = ResultWriter(req.out, run_id)
+    status = "finished"
+    if p.todo:
+        backend.start(req)
+        progress = Progress(p.todo, f"pnp-batch {run_id}")
+        try:
+            groups = group_rows(todo_rows(manifest, done, req), window=req.group_window)
+            for records in backend.map_groups(groups):
+                for rec in records:
+                    rec["run_id"] = run_id
+                    writer.add(rec)
+                    counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+                    if rec["status"] == "failed":
+                        log.warning("row %s failed: %s", rec["id"], rec["error"])
+                    if len(sample) < 200:
+                        sample.append(rec)
+                ok = sum(1 for r in records if r["status"] == "ok")
+                progress.update(ok, len(records) - ok)
+        except BaseException:
+            status = "interrupted"
+            raise
+        finally:
+            writer.close()
+            progress.close()
+            stats = backend.stats()
+            backend.stop()
+            _summary(req, run_id, started, t0, p, counts, stats, status, backend.name, writer)
+    else:
+        writer.close()
+        _summary(req, run_id, started, t0, p, counts, {}, status, backend.name, writer)
+        log.info("nothing to do: every row is already done (use --overwrite to redo them)")
+    if req.report and sample:
+        try:
+            from pnp_batch.engines.report_io import write_report
+
+            write_report(req, run_id, sample)
+        except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
+            log.warning("could not write the contact sheet: %s", storage.redact(str(e)))
+    failed = counts.get("failed", 0)
+    log.info("run %s finished: %d ok, %d failed, %d done before", run_id, counts["ok"], failed, p.done_before)
+    return 1 if failed else 0
+
+
+def _summary(req: RunRequest, run_id: str, started: datetime, t0: float, p: Plan, counts: dict, stats: dict,
+             status: str, engine: str, writer: ResultWriter) -> None:
+    wall = time.monotonic() - t0
+    summary = {
+        "run_id": run_id,
+        "status": status,
+        "manifest": req.manifest,
+        "out": req.out,
+        "features": req.features_uri,
+        "engine": engine,
+        "pipeline": req.cfg.name,
+        "config": req.cfg.to_dict(),
+        "config_hash": req.cfg.hash(),
+        "counts": {
+            "manifest_rows": p.total,
+            "done_before": p.done_before,
+            "attempted": counts.get("ok", 0) + counts.get("failed", 0),
+            "ok": counts.get("ok", 0),
+            "failed": counts.get("failed", 0),
+        },
+        "started_at": started.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "wall_seconds": round(wall, 3),
+        "rows_per_second": round((counts.get("ok", 0) + counts.get("failed", 0)) / wall, 4) if wall > 0 else None,
+        "result_files": getattr(writer, "files_written", None),
+        "stats": stats,
+        "versions": versions(),
+        "options": {"limit": req.limit, "overwrite": req.overwrite, "workers": req.workers},
+    }
+    write_run_summary(req.out, run_id, summary)
