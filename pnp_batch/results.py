@@ -238,7 +238,9 @@ def read_results(out_uri: str, columns: list[str] | None = None) -> pa.Table:
     """Every result record of every shard as one table (schemas unified across shards)."""
     files = result_files(out_uri)
     if not files:
-        schema = RESULT_SCHEMA if columns is None else pa.schema([RESULT_SCHEMA.field(c) for c in columns])
+        schema = RESULT_SCHEMA if columns is None else pa.schema(
+            [RESULT_SCHEMA.field(c) for c in columns if c in _RESULT_SET]
+        )
         return schema.empty_table()
     tables = [_read_file(f, columns) for f in files]
     return _concat(tables)
