@@ -202,9 +202,19 @@ def make_test_model(out_dir: str | os.PathLike, seed: int = TINY_SEED) -> Path:
     return out
 
 
+def _builder_hash() -> str:
+    """Changes whenever the recipe of the tiny model changes, so a stale cached build is never used."""
+    import inspect
+
+    h = hashlib.sha256(inspect.getsource(make_test_model).encode())
+    for name in ("vocab.json", "merges.txt"):
+        h.update((TOKENIZER_ASSETS / name).read_bytes())
+    return h.hexdigest()[:10]
+
+
 def tiny_model_dir() -> Path:
     """The tiny model in the local cache, built on first use (a few seconds, no download)."""
-    path = cache_dir() / TINY_VERSION
+    path = cache_dir() / f"{TINY_VERSION}-{_builder_hash()}"
     if not (path / "model_index.json").is_file():
         log.info("building the offline test model in %s", path)
         make_test_model(path)

@@ -100,3 +100,14 @@ def make_png() -> Callable[..., bytes]:
     """``make_png(width=8, height=6, mode="RGB", seed=0)``: a deterministic PNG made in memory
     (no binary files in git)."""
     return _png_bytes
+
+
+# --- the offline tiny model, built once per machine (PNP_BATCH_CACHE, keyed by its recipe) ---------
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    """The tiny test model folder, written by `make_test_model` on first use."""
+    from pnp_batch.models import tiny_model_dir as _tiny_dir
+
+    return _tiny_dir()

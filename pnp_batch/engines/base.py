@@ -148,7 +148,7 @@ def execute(req: RunRequest, backend: Backend) -> int:
     )
     counts = {"ok": 0, "failed": 0}
     sample: list[dict[str, Any]] = []
-    writer = ResultWriter(req.out, run_id)
+    writer = ResultWriter(req.out, run_id, extra_schema=manifest.extra_schema)
     status = "finished"
     if p.todo:
         backend.start(req)

@@ -141,6 +141,7 @@ class PnPInjector:
         self.unet = unet
         self.controller = PnPController()
         procs = dict(unet.attn_processors)
+        self._original = dict(procs)
         names = attn_processor_names()
         missing = [n for n in names if n not in procs]
         if missing:
@@ -156,4 +157,6 @@ class PnPInjector:
         return self.controller.inject("conv", output, self.controller.conv_rows)
 
     def remove(self) -> None:
+        """Take the hook off and give the UNet back its original attention processors."""
         self._hook.remove()
+        self.unet.set_attn_processor(self._original)
