@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU check for a lent machine (no network): the full-size cost benchmark and the GPU tests.
+# Writes to $OUT (default ./gpu-out): nvidia-smi.txt, bench.txt, bench.json, gpu-tests.txt.
+# Budget: under five minutes in all (the bench ~3 min on an H100, the GPU tests ~1 min).
+set -u
+OUT="${OUT:-./gpu-out}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >> "$OUT/nvidia-smi.txt"
+head -15 "$OUT/nvidia-smi.txt"
+
+# No network there: a wheelhouse carried in .devcarry/wheels (pip download --python-version 3.12 ...)
+# is installed offline first when present.
+if [ -d .devcarry/wheels ]; then
+  "$PY" -m pip install -q --no-index --find-links .devcarry/wheels -e . pytest > "$OUT/pip.txt" 2>&1 \
+    || echo "gpu_check: offline install from .devcarry/wheels failed; see $OUT/pip.txt"
+fi
+if ! "$PY" -c "import torch, diffusers, transformers, numpy, PIL, yaml, pyarrow, fsspec, safetensors" 2> "$OUT/imports.txt"; then
+  echo "gpu_check: the Python packages pnp-batch needs (torch, diffusers, transformers, ...) are not installed"
+  echo "gpu_check: here, and this machine has no network to install them; see $OUT/imports.txt"
+  cat "$OUT/imports.txt"
+  exit 3
+fi
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
+  || { echo "gpu_check: torch has no CUDA here"; exit 4; }
+
+# K=1 and K=4 both: the issue's targets are at each; the reference's 999-step preprocessing runs once
+# per source and is shared by both K (it does not depend on the prompts).
+timeout 270 "$PY" -m pnp_batch bench --arch sd21-base --device cuda --dtype float16 --resolution 512 \
+  --steps 50 --k 1 --k 4 --sources 2 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+echo "bench exit status ${PIPESTATUS[0]}"
+
+timeout 90 "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
+echo "gpu tests exit status $?"
+tail -5 "$OUT/gpu-tests.txt"
