@@ -72,8 +72,9 @@ def runs_dir(out_uri: str) -> str:
 
 
 def make_run_id() -> str:
-    """A sortable run id: UTC time to the second plus 6 random hex chars."""
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    """A sortable run id: UTC time to the millisecond plus 6 random hex chars (runs can start within a second)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
 
 
 def utcnow() -> dt.datetime:

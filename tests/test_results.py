@@ -33,7 +33,7 @@ def rec(rid: str, status: str = "ok", minutes: int = 0, **kw) -> dict:
 
 def test_make_run_id_sortable() -> None:
     rid = make_run_id()
-    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", rid)
+    assert re.fullmatch(r"\d{8}T\d{9}Z-[0-9a-f]{6}", rid)
 
 
 def test_writer_shards_and_dataset(tmp_path) -> None:
