@@ -1,0 +1,448 @@
+"""The Ray engine: a pool of actors, each holding one loaded model; groups streamed to them, bounded,
+and resubmitted when a worker is lost.
+
+Why our own actor pool and not Ray Data: a group (the rows sharing one source image) must stay on
+one actor (one inversion, one shared source branch), the driver must be the only writer of result
+records (so a retried group is recorded once, from the attempt that completed), and a lost worker
+must cost one group's retry, not a restarted dataset stage. See docs/ray.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pnp_batch import storage
+from pnp_batch.config import PipelineConfig
+from pnp_batch.engines.base import RunRequest
+from pnp_batch.errors import UsageError
+from pnp_batch.manifest import Row
+
+log = logging.getLogger(__name__)
+
+# Environment passed to the workers (values never logged; only the names are).
+ENV_VARS = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "PNP_BATCH_CACHE", "HF_HOME", "HF_HUB_OFFLINE",
+    "HF_TOKEN", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY",
+)
+# Test hook: when set, the driver writes "pid<TAB>worker" of every live actor to this file.
+PIDFILE_ENV = "PNP_BATCH_TEST_PIDFILE"
+
+MAX_ATTEMPTS = 3  # attempts per group when its worker is lost
+IN_FLIGHT_PER_WORKER = 2  # one group sampling, the next one reading its source
+CPUS_PER_WORKER = 0.5  # Ray's accounting, so a small machine never deadlocks; threads are set separately
+
+
+def worker_env() -> dict[str, str]:
+    """The storage/cache settings of this process that workers need (set ones only)."""
+    return {k: os.environ[k] for k in ENV_VARS if os.environ.get(k)}
+
+
+class TranslatorWorker:
+    """The body of a Ray actor: one Translator, loaded once in the constructor and kept.
+
+    Runs with ``max_concurrency=2``: the next group reads its source bytes while the current one
+    samples; the compute itself is serialised by a lock.
+    """
+
+    def __init__(self, cfg: PipelineConfig, out: str, features: str, storage_options: dict[str, Any],
+                 threads: int) -> None:
+        self.pid = os.getpid()
+        self.host = socket.gethostname()
+        try:
+            import ray
+
+            self.node = ray.util.get_node_ip_address()
+        except Exception:  # noqa: BLE001 - only used in the worker name
+            self.node = self.host
+        self.name = f"ray:{self.host}:{self.pid}" if self.node == self.host else f"ray:{self.host}/{self.node}:{self.pid}"
+        self.lock = threading.Lock()
+        self.translator = None
+        self.error: dict[str, Any] | None = None
+        try:
+            import torch
+
+            torch.set_num_threads(max(1, int(threads)))
+            storage.configure(storage_options)
+            from pnp_batch.worker import Translator
+
+            self.translator = Translator(cfg, out, features, worker=self.name)
+        except Exception as e:  # noqa: BLE001 - reported by info(), the driver decides
+            self.error = {"type": type(e).__name__, "message": storage.redact(str(e))[:2000],
+                          "usage": isinstance(e, UsageError)}
+
+    def info(self) -> dict[str, Any]:
+        """Who this worker is, and whether its model loaded."""
+        out = {"worker": self.name, "pid": self.pid, "node": self.node, "error": self.error}
+        if self.translator is not None:
+            m = self.translator.models
+            from pnp_batch.models import TEST_MODEL_NOTE
+
+            out.update(model=m.fingerprint + (f" ({TEST_MODEL_NOTE})" if m.is_test_model else ""),
+                       fingerprint=m.fingerprint, device=str(m.device), dtype=str(m.dtype))
+        return out
+
+    def process(self, rows: list[Row], attempt: int) -> dict[str, Any]:
+        """Translate one group; returns its records and this worker's counters so far."""
+        from pnp_batch.engines.local import prefetch
+
+        if rows and rows[0].image_bytes is None:
+            first = prefetch(rows[0])  # I/O outside the lock: overlaps the group sampling now
+            if first.image_bytes is not None:
+                rows = [first] + rows[1:]
+        with self.lock:
+            records = self.translator.process(rows, attempt=attempt)
+            counters = asdict(self.translator.counters)
+        return {"records": records, "counters": counters}
+
+    def process_counters(self) -> dict[str, int]:
+        """This worker's UNet counters so far."""
+        with self.lock:
+            return asdict(self.translator.counters) if self.translator is not None else {}
+
+
+# Exceptions that mean "the worker (or its node, or the result) is gone", not "the row is bad".
+def _loss_types() -> tuple[type[BaseException], ...]:
+    import ray.exceptions as rex
+
+    names = ("RayActorError", "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError", "ObjectLostError",
+             "OwnerDiedError", "LocalRayletDiedError", "TaskCancelledError")
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
+def _reason(e: BaseException) -> str:
+    """A short, credential-free description of why a worker was lost."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if not ln.startswith(("class_name", "actor_id", "namespace", "name:"))]
+    text = "; ".join(keep[:3]) if keep else ""
+    return storage.redact(f"{type(e).__name__}: {text}" if text else type(e).__name__)[:400]
+
+
+def lost_record(row: Row, cfg: PipelineConfig, model: str, worker: str, attempt: int, error: str) -> dict[str, Any]:
+    """The record of a row whose group lost its worker too often; the shape Translator._record gives."""
+    o = row.overrides
+    rec: dict[str, Any] = {
+        "id": row.id,
+        "status": "failed",
+        "error": error,
+        "warning": None,
+        "output": None,
+        "image": row.image if row.image is not None else "<image_bytes>",
+        "source_prompt": row.source_prompt,
+        "target_prompt": row.target_prompt,
+        "negative_prompt": None,
+        "seed": int(o.get("seed", cfg.seed)),
+        "guidance_scale": float(o.get("guidance_scale", cfg.guidance_scale)),
+        "pnp_f_t": float(o.get("pnp_f_t", cfg.pnp_f_t)),
+        "pnp_attn_t": float(o.get("pnp_attn_t", cfg.pnp_attn_t)),
+        "pipeline": cfg.name,
+        "config_hash": cfg.hash(),
+        "model": model,
+        "feature_key": None,
+        "feature_cache_hit": None,
+        "width": None,
+        "height": None,
+        "invert_seconds": None,
+        "translate_seconds": None,
+        "worker": worker,
+        "attempt": attempt,
+        "finished_at": datetime.now(timezone.utc),
+    }
+    for k, v in row.extra.items():
+        rec.setdefault(k, v)
+    return rec
+
+
+@dataclass
+class _Slot:
+    """One actor of the pool and the groups it holds."""
+
+    handle: Any
+    ready_ref: Any
+    ready: bool = False
+    alive: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+    inflight: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.info.get("worker", "ray:<starting>")
+
+
+@dataclass
+class _Task:
+    slot: _Slot
+    rows: list[Row]
+    attempt: int
+
+
+class RayBackend:
+    """Translate groups on a pool of Ray actors (see docs/ray.md)."""
+
+    name = "ray"
+
+    def __init__(self, max_attempts: int = MAX_ATTEMPTS, in_flight_per_worker: int = IN_FLIGHT_PER_WORKER) -> None:
+        self.max_attempts = max_attempts
+        self.in_flight_per_worker = in_flight_per_worker
+        self.req: RunRequest | None = None
+        self.slots: list[_Slot] = []
+        self.owns_ray = False
+        self.workers = 0
+        self.gpus_per_worker = 0.0
+        self.threads = 1
+        self.retries = 0
+        self.restarts = 0
+        self.lost_groups = 0
+        self.model = ""
+        self.counters: dict[str, dict[str, int]] = {}  # worker name -> last counters it reported
+        self.seen_workers: list[str] = []
+        self._actor_cls = None
+        self._env: dict[str, str] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self, req: RunRequest) -> None:
+        import ray
+
+        self.req = req
+        self.model = req.cfg.model
+        self._env = worker_env()
+        if self._env:
+            log.info("passing to Ray workers: %s", ", ".join(sorted(self._env)))
+        if ray.is_initialized():
+            log.info("using the Ray instance already initialised in this process")
+        elif req.ray_address:
+            ray.init(address=req.ray_address, log_to_driver=True, ignore_reinit_error=True)
+            log.info("joined the Ray cluster at %s", req.ray_address)
+        else:
+            cpus = os.cpu_count() or 1
+            ray.init(num_cpus=cpus, include_dashboard=False, ignore_reinit_error=True, log_to_driver=True,
+                     object_store_memory=256 * 1024 * 1024)
+            self.owns_ray = True
+            log.info("started a local Ray instance (%d CPUs)", cpus)
+        res = ray.cluster_resources()
+        cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
+        self.gpus_per_worker = req.gpus_per_worker if req.gpus_per_worker is not None else (1.0 if gpus else 0.0)
+        if req.workers is not None:
+            self.workers = req.workers
+        elif self.gpus_per_worker:
+            self.workers = max(1, int(gpus // self.gpus_per_worker))
+            if not gpus:
+                log.warning("the cluster has no GPUs yet: starting 1 worker; with an autoscaler pass --workers N")
+        else:
+            self.workers = max(1, int(cpus // 2))
+        if self.gpus_per_worker * self.workers > gpus:
+            msg = (f"{self.workers} workers x {self.gpus_per_worker:g} GPUs need more GPUs than the cluster has "
+                   f"({gpus:g})")
+            if self.owns_ray:
+                raise UsageError(msg + "; use --gpus-per-worker 0 or fewer --workers")
+            log.warning("%s: the workers that do not fit wait for the autoscaler", msg)
+        # CPU actors share the cluster's cores; GPU actors leave the threads to the GPU work.
+        self.threads = max(1, int(cpus // self.workers))
+        opts: dict[str, Any] = {
+            "num_cpus": min(CPUS_PER_WORKER, cpus / self.workers),
+            "num_gpus": self.gpus_per_worker,
+            "max_restarts": 0,  # a lost worker is replaced explicitly (no group recorded twice)
+            "max_concurrency": 2,
+        }
+        if self._env:
+            opts["runtime_env"] = {"env_vars": self._env}
+        self._actor_cls = ray.remote(TranslatorWorker).options(**opts)
+        log.info("starting %d Ray workers (%g GPU, %d threads each)", self.workers, self.gpus_per_worker,
+                 self.threads)
+        self.slots = [self._new_slot() for _ in range(self.workers)]
+        self._wait_first_ready()
+
+    def _new_slot(self) -> _Slot:
+        req = self.req
+        handle = self._actor_cls.remote(req.cfg, req.out, req.features_uri, req.storage_options, self.threads)
+        return _Slot(handle=handle, ready_ref=handle.info.remote())
+
+    def _wait_first_ready(self) -> None:
+        """Block until one worker has its model loaded; raise its error when every worker failed."""
+        import ray
+
+        waiting = {s.ready_ref: s for s in self.slots}
+        t0 = time.monotonic()
+        while waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=30)
+            if not ready:
+                log.info("waiting for Ray workers to load the model (%.0f s)", time.monotonic() - t0)
+                continue
+            slot = waiting.pop(ready[0])
+            self._on_ready(slot)
+            if slot.ready:
+                return
+        raise RuntimeError("no Ray worker could start")
+
+    def _on_ready(self, slot: _Slot) -> None:
+        """A worker's constructor finished (or failed): mark it usable, or dead with its reason."""
+        import ray
+
+        try:
+            info = ray.get(slot.ready_ref)
+        except _loss_types() as e:
+            slot.alive = False
+            log.warning("a Ray worker died while starting: %s", _reason(e))
+            if not any(s.alive for s in self.slots):
+                raise RuntimeError(f"every Ray worker died while starting: {_reason(e)}") from None
+            return
+        slot.info = info
+        if info.get("error"):
+            slot.alive = False
+            err = info["error"]
+            ray.kill(slot.handle, no_restart=True)
+            msg = f"{err['type']}: {err['message']}"
+            if err.get("usage"):
+                raise UsageError(msg)
+            if not any(s.alive for s in self.slots):
+                raise RuntimeError(f"no Ray worker could load the model: {msg}")
+            log.warning("a Ray worker could not start: %s", msg)
+            return
+        slot.ready = True
+        self.model = info.get("model", self.model)
+        if info["worker"] not in self.seen_workers:
+            self.seen_workers.append(info["worker"])
+        log.info("Ray worker %s ready (%s)", info["worker"], info.get("device", "?"))
+        self._write_pidfile()
+
+    def _write_pidfile(self) -> None:
+        path = os.environ.get(PIDFILE_ENV)
+        if not path:
+            return
+        lines = [f"{s.info['pid']}\t{s.name}\n" for s in self.slots if s.ready and s.alive]
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+
+    def _replace(self, slot: _Slot, reason: str) -> None:
+        """Retire a lost worker and start another in its place."""
+        import ray
+
+        if not slot.alive:
+            return
+        slot.alive = False
+        log.warning("Ray worker %s lost (%s); starting a replacement", slot.name, reason)
+        try:
+            ray.kill(slot.handle, no_restart=True)
+        except Exception as e:  # noqa: BLE001 - it is gone already
+            log.debug("killing a lost worker: %s", type(e).__name__)
+        self.restarts += 1
+        self.slots.append(self._new_slot())
+        self._write_pidfile()
+
+    # -- the work -----------------------------------------------------------------------------
+    def map_groups(self, groups: Iterator[list[Row]]) -> Iterator[list[dict[str, Any]]]:
+        import ray
+
+        loss = _loss_types()
+        retry: deque[tuple[list[Row], int, str]] = deque()
+        tasks: dict[Any, _Task] = {}
+        source = iter(groups)
+        exhausted = False
+        while True:
+            # 1. fill every ready worker up to its bound; retries first, then new groups, lazily
+            for slot in self.slots:
+                while slot.ready and slot.alive and slot.inflight < self.in_flight_per_worker:
+                    if retry:
+                        rows, attempt, _ = retry.popleft()
+                    elif not exhausted:
+                        rows = next(source, None)
+                        if rows is None:
+                            exhausted = True
+                            break
+                        attempt = 1
+                    else:
+                        break
+                    ref = slot.handle.process.remote(rows, attempt)
+                    tasks[ref] = _Task(slot, rows, attempt)
+                    slot.inflight += 1
+            starting = {s.ready_ref: s for s in self.slots if s.alive and not s.ready}
+            if not tasks and exhausted and not retry:
+                return
+            if not tasks and not starting:
+                raise RuntimeError("every Ray worker was lost; re-run the same command to finish the rest")
+            # 2. wait for a group to finish or a worker to come up
+            ready, _ = ray.wait([*tasks, *starting], num_returns=1)
+            ref = ready[0]
+            if ref in starting:
+                self._on_ready(starting[ref])
+                continue
+            task = tasks.pop(ref)
+            task.slot.inflight -= 1
+            try:
+                out = ray.get(ref)
+            except loss as e:
+                reason = _reason(e)
+                self._replace(task.slot, reason)
+                if task.attempt < self.max_attempts:
+                    self.retries += 1
+                    log.warning("resubmitting %d rows of %s (attempt %d of %d)", len(task.rows),
+                                task.rows[0].image or task.rows[0].id, task.attempt + 1, self.max_attempts)
+                    retry.append((task.rows, task.attempt + 1, reason))
+                    continue
+                self.lost_groups += 1
+                msg = f"worker lost {task.attempt} times: {reason}"
+                yield [lost_record(r, self.req.cfg, self.model, task.slot.name, task.attempt, msg) for r in task.rows]
+                continue
+            except ray.exceptions.RayTaskError as e:  # process() raises only on bugs: fail the group, go on
+                msg = storage.redact(f"{type(e.cause).__name__ if e.cause else 'RayTaskError'}: "
+                                     f"{str(e.cause or e).splitlines()[0] if str(e.cause or e) else ''}")[:500]
+                log.error("group from %s failed on %s: %s", task.rows[0].image or task.rows[0].id,
+                          task.slot.name, msg)
+                yield [lost_record(r, self.req.cfg, self.model, task.slot.name, task.attempt, msg) for r in task.rows]
+                continue
+            self.counters[task.slot.name] = out["counters"]
+            yield out["records"]
+
+    # -- reporting and teardown ------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        import ray
+
+        for slot in self.slots:  # the latest counters of the live workers
+            if slot.alive and slot.ready:
+                try:
+                    info = ray.get(slot.handle.process_counters.remote(), timeout=30)
+                    self.counters[slot.name] = info
+                except Exception as e:  # noqa: BLE001 - keep the counters the worker last reported
+                    log.debug("counters of %s: %s", slot.name, type(e).__name__)
+        unet: dict[str, int] = {}
+        for c in self.counters.values():
+            for k, v in c.items():
+                unet[k] = unet.get(k, 0) + v
+        first = next((s.info for s in self.slots if s.ready), {})
+        return {
+            "unet": unet,
+            "workers": list(self.seen_workers),
+            "workers_requested": self.workers,
+            "gpus_per_worker": self.gpus_per_worker,
+            "threads_per_worker": self.threads,
+            "retries": self.retries,
+            "actor_restarts": self.restarts,
+            "groups_lost": self.lost_groups,
+            "device": first.get("device"),
+            "dtype": first.get("dtype"),
+            "model": first.get("fingerprint"),
+        }
+
+    def stop(self) -> None:
+        import ray
+
+        for slot in self.slots:
+            try:
+                ray.kill(slot.handle, no_restart=True)
+            except Exception as e:  # noqa: BLE001
+                log.debug("stopping %s: %s", slot.name, type(e).__name__)
+        self.slots = []
+        if self.owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self.owns_ray = False

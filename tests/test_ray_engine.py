@@ -1,0 +1,217 @@
+"""`--engine ray` on a local Ray instance (CPU, the tiny model): byte-identical to the local engine,
+survives a killed worker, fails bad rows alone, and works against S3 without leaking credentials."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+FAST = ["--pipeline", "tiny", "--set", "steps=4", "--set", "inversion_steps=4", "--set", "resolution=64",
+        "--no-report"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_instance() -> Iterator[str]:
+    """One small local Ray instance for the whole session; yields its address."""
+    if ray.is_initialized():
+        yield ray.get_runtime_context().gcs_address
+        return
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024,
+             log_to_driver=True, configure_logging=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _png(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def manifest_rows(sources: int, per_source: int, bad: set[int] = frozenset()) -> tuple[list[dict], dict[str, bytes]]:
+    """Rows and image files: ``sources`` random PNGs (or random bytes for indices in ``bad``)."""
+    import numpy as np
+
+    rows, files = [], {}
+    for s in range(sources):
+        name = f"images/src{s}.png"
+        files[name] = np.random.default_rng(1000 + s).bytes(777) if s in bad else _png(s)
+        for k in range(per_source):
+            rows.append({"id": f"s{s}-t{k}", "image": name, "source_prompt": f"a photo of thing {s}",
+                         "target_prompt": f"a painting of thing {s} in style {k}", "batch": "b1"})
+    return rows, files
+
+
+def write_manifest(folder: Path, sources: int, per_source: int, bad: set[int] = frozenset()) -> Path:
+    rows, files = manifest_rows(sources, per_source, bad)
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    path = folder / "manifest.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def run_cli(*args: str) -> int:
+    from pnp_batch.cli import main
+
+    return main(["run", *args])
+
+
+def records(out: str) -> list[dict]:
+    from pnp_batch.results import read_results
+
+    return read_results(out).to_pylist()
+
+
+@pytest.mark.slow
+def test_two_workers_match_the_local_engine_byte_for_byte(tmp_path: Path, ray_instance: str) -> None:
+    import torch
+
+    manifest = write_manifest(tmp_path / "in", sources=5, per_source=3)  # 15 rows
+    out_ray, out_local = tmp_path / "ray", tmp_path / "local"
+    assert run_cli(str(manifest), "--out", str(out_ray), "--engine", "ray", "--workers", "2", *FAST) == 0
+    # CPU float results depend on the intra-op thread count: compare at the workers' count (2 CPUs / 2).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_cli(str(manifest), "--out", str(out_local), *FAST) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    recs = records(str(out_ray))
+    assert len(recs) == 15 and all(r["status"] == "ok" for r in recs)
+    assert {r["id"] for r in recs} == {f"s{s}-t{k}" for s in range(5) for k in range(3)}
+    assert all(r["worker"].startswith("ray:") and r["attempt"] == 1 and r["batch"] == "b1" for r in recs)
+    assert len({r["worker"] for r in recs}) == 2, Counter(r["worker"] for r in recs)
+    local_images = sorted(p.name for p in (out_local / "images").iterdir())
+    assert local_images == sorted(p.name for p in (out_ray / "images").iterdir()) and len(local_images) == 15
+    for name in local_images:
+        assert (out_ray / "images" / name).read_bytes() == (out_local / "images" / name).read_bytes(), name
+
+    import json
+
+    summary = json.loads(next((out_ray / "runs").glob("*.json")).read_text())
+    stats = summary["stats"]
+    assert summary["engine"] == "ray" and stats["retries"] == 0 and stats["actor_restarts"] == 0
+    assert len(stats["workers"]) == 2
+    assert stats["unet"]["inversions"] == 5 and stats["unet"]["cache_hits"] == 0
+
+    # the same command again: nothing to do, nothing written twice
+    assert run_cli(str(manifest), "--out", str(out_ray), "--engine", "ray", "--workers", "2", *FAST) == 0
+    assert len(records(str(out_ray))) == 15
+
+
+@pytest.mark.slow
+def test_a_killed_worker_costs_a_retry_not_a_row(tmp_path: Path, ray_instance: str) -> None:
+    manifest = write_manifest(tmp_path / "in", sources=16, per_source=2)  # 32 rows
+    out = tmp_path / "out"
+    pidfile = tmp_path / "pids.txt"
+    env = {**os.environ, "PNP_BATCH_TEST_PIDFILE": str(pidfile), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pnp_batch", "run", str(manifest), "--out", str(out), "--engine", "ray",
+           "--workers", "2", "--ray-address", ray_instance, *FAST]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            lines = pidfile.read_text().splitlines() if pidfile.exists() else []
+            if len(lines) >= 2:  # both workers hold groups now: kill one mid-group
+                time.sleep(0.2)
+                victim = int(lines[0].split("\t")[0])
+                os.kill(victim, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert victim is not None, "the workers never came up"
+    assert proc.returncode == 0, output[-3000:]
+
+    recs = records(str(out))
+    ok = Counter(r["id"] for r in recs if r["status"] == "ok")
+    assert set(ok) == {f"s{s}-t{k}" for s in range(16) for k in range(2)}
+    assert all(n == 1 for n in ok.values()), ok
+    assert not any(r["status"] == "failed" for r in recs)
+    # the victim's records are only those of groups it finished before it was killed
+
+    import json
+
+    stats = json.loads(next((out / "runs").glob("*.json")).read_text())["stats"]
+    assert stats["actor_restarts"] >= 1 and stats["retries"] >= 1, stats
+    assert any(r["attempt"] == 2 for r in recs)
+
+
+@pytest.mark.slow
+def test_a_bad_image_fails_its_rows_only(tmp_path: Path, ray_instance: str) -> None:
+    manifest = write_manifest(tmp_path / "in", sources=3, per_source=2, bad={1})
+    out = tmp_path / "out"
+    assert run_cli(str(manifest), "--out", str(out), "--engine", "ray", "--workers", "2", *FAST) == 1
+    recs = {r["id"]: r for r in records(str(out))}
+    assert len(recs) == 6
+    for k in range(2):
+        bad = recs.pop(f"s1-t{k}")
+        assert bad["status"] == "failed" and "not an image" in bad["error"], bad["error"]
+        assert bad["output"] is None
+    assert all(r["status"] == "ok" for r in recs.values())
+
+
+@pytest.mark.slow
+def test_s3_in_and_out_without_leaking_the_secret(
+    s3_bucket: str, ray_instance: str, capfd: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    from conftest import S3_SECRET
+
+    from pnp_batch import storage
+
+    caplog.set_level(logging.INFO)
+    rows, files = manifest_rows(sources=3, per_source=2)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    for name, data in files.items():
+        storage.write_bytes_atomic(f"{s3_bucket}/in/{name}", data)
+    storage.write_bytes_atomic(f"{s3_bucket}/in/manifest.csv", buf.getvalue().encode())
+    out, features = f"{s3_bucket}/out", f"{s3_bucket}/features"
+
+    code = run_cli(f"{s3_bucket}/in/manifest.csv", "--out", out, "--features", features, "--engine", "ray",
+                   "--workers", "2", *FAST)
+    text = capfd.readouterr()
+    assert code == 0, text.err[-3000:]
+    recs = records(out)
+    assert len(recs) == 6 and all(r["status"] == "ok" for r in recs)
+    assert all(r["output"].startswith(f"{out}/images/") for r in recs)
+    assert len(storage.list_files(f"{out}/images", ".png")) == 6
+    assert len(storage.list_files(features)) >= 3
+    assert len({r["worker"] for r in recs}) == 2
+    everything = text.out + text.err + caplog.text + repr(recs)
+    for f in storage.list_files(f"{out}/runs"):
+        everything += storage.read_text(f)
+    assert "AWS_SECRET_ACCESS_KEY" in text.err + caplog.text  # the name is logged ...
+    assert S3_SECRET not in everything  # ... never the value
