@@ -63,12 +63,14 @@ def _time_backend(backend: Any, req: Any, warmup: list[list[Any]], groups: list[
 
 
 def bench_ray_vs_local(rows: int = 8, sources: int = 4, steps: int = 8, resolution: int = 96,
-                       inversion_steps: int | None = None, repeats: int = 2) -> dict[str, Any]:
+                       inversion_steps: int | None = None, repeats: int = 2,
+                       threads: int | None = None) -> dict[str, Any]:
     """Run the same groups through LocalBackend and RayBackend(workers=1), alternately ``repeats``
     times each (ray first), on one Ray instance; the fastest run of each engine gives the figures."""
     import os
 
     import ray
+    import torch
 
     from pnp_batch.config import load_config
     from pnp_batch.engines.base import RunRequest
@@ -79,6 +81,10 @@ def bench_ray_vs_local(rows: int = 8, sources: int = 4, steps: int = 8, resoluti
     cfg = load_config("tiny", overrides)
     figures: dict[str, Any] = {"rows": rows, "sources": sources, "steps": steps, "resolution": resolution,
                                "repeats": repeats, "cpus": os.cpu_count()}
+    # both engines compute with the same intra-op thread count (the actor's default: all CPUs)
+    threads = threads or os.cpu_count() or 1
+    figures["threads"] = threads
+    torch.set_num_threads(threads)
     owns = not ray.is_initialized()
     if owns:
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, object_store_memory=256 * 1024 * 1024)
@@ -91,7 +97,7 @@ def bench_ray_vs_local(rows: int = 8, sources: int = 4, steps: int = 8, resoluti
             figures["groups"] = len(groups)
             for i in range(repeats):
                 for name in ("ray", "local"):
-                    backend = RayBackend() if name == "ray" else LocalBackend()
+                    backend = RayBackend(threads_per_worker=threads) if name == "ray" else LocalBackend()
                     req = RunRequest(manifest="-", out=str(root / f"{name}{i}"), cfg=cfg, engine=name, workers=1)
                     runs[name].append(_time_backend(backend, req, warmup, groups))
     finally:
@@ -113,12 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--resolution", type=int, default=96)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads for both engines (default: CPUs)")
     p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     f = bench_ray_vs_local(rows=a.rows, sources=a.sources, steps=a.steps, resolution=a.resolution,
-                           repeats=a.repeats)
-    print(f"{f['rows']} rows over {f['groups']} groups, tiny model, {f['steps']} steps, {f['resolution']} px, CPU")
+                           repeats=a.repeats, threads=a.threads)
+    print(f"{f['rows']} rows over {f['groups']} groups, tiny model, {f['steps']} steps, {f['resolution']} px, "
+          f"CPU, {f['threads']} torch threads")
     for name in ("local", "ray"):
         e = f[name]
         print(f"  {name:5s}: {e['wall_s']:7.2f} s  {e['rows_per_s']:6.3f} rows/s  (start-up {e['startup_s']:.1f} s; walls {f[name + '_walls_s']})")

@@ -190,8 +190,10 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, max_attempts: int = MAX_ATTEMPTS, in_flight_per_worker: int = IN_FLIGHT_PER_WORKER) -> None:
+    def __init__(self, max_attempts: int = MAX_ATTEMPTS, in_flight_per_worker: int = IN_FLIGHT_PER_WORKER,
+                 threads_per_worker: int | None = None) -> None:
         self.max_attempts = max_attempts
+        self.threads_per_worker = threads_per_worker
         self.in_flight_per_worker = in_flight_per_worker
         self.req: RunRequest | None = None
         self.slots: list[_Slot] = []
@@ -246,7 +248,7 @@ class RayBackend:
                 raise UsageError(msg + "; use --gpus-per-worker 0 or fewer --workers")
             log.warning("%s: the workers that do not fit wait for the autoscaler", msg)
         # CPU actors share the cluster's cores; GPU actors leave the threads to the GPU work.
-        self.threads = max(1, int(cpus // self.workers))
+        self.threads = self.threads_per_worker or max(1, int(cpus // self.workers))
         opts: dict[str, Any] = {
             "num_cpus": min(CPUS_PER_WORKER, cpus / self.workers),
             "num_gpus": self.gpus_per_worker,
