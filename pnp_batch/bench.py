@@ -385,7 +385,7 @@ class Bench:
         self.counter.sizes.clear()
 
     def rows(self, k: int, src: int):
-        from pnp_batch.manifest import Row
+        from pnp_batch.rows import Row
 
         return [
             Row(index=j, id=f"s{src}-p{j}", image=None, image_bytes=None, source_prompt="a photo",

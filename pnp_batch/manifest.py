@@ -23,7 +23,6 @@ import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ import pyarrow.parquet as pq
 
 from pnp_batch import storage
 from pnp_batch.errors import UsageError
+from pnp_batch.rows import Row
 
 logger = logging.getLogger(__name__)
 
@@ -53,28 +53,6 @@ _TOKEN_RE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+", re.I
 
 class ManifestError(UsageError):
     """The manifest cannot be used at all (exit status 2)."""
-
-
-@dataclass(frozen=True)
-class Row:
-    """One manifest row, resolved and checked."""
-
-    index: int
-    id: str
-    image: str | None
-    image_bytes: bytes | None
-    source_prompt: str
-    target_prompt: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-
-    @cached_property
-    def source_key(self) -> str:
-        """What identifies the source image: rows sharing it share one inversion."""
-        if self.image_bytes is not None:
-            return "bytes:" + hashlib.sha256(self.image_bytes).hexdigest()
-        return self.image or f"row:{self.index}"
 
 
 def derive_id(image_ref: str | None, source_prompt: str, target_prompt: str, overrides: dict[str, Any]) -> str:

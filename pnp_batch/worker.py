@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import socket
 import os
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,11 +20,11 @@ from pnp_batch.config import PipelineConfig, generation_timesteps
 from pnp_batch.errors import RowError
 from pnp_batch.features import FeatureStore, feature_key
 from pnp_batch.images import decode_image, encode_image, resize_source
-from pnp_batch.manifest import Row
 from pnp_batch.models import TEST_MODEL_NOTE, Models, load_models
 from pnp_batch.pnp.injection import PnPInjector
 from pnp_batch.pnp.inversion import ddim_invert
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
+from pnp_batch.rows import Row
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class Translator:
             t0 = time.perf_counter()
             images, negs = self.translate(latents, rows)
             t_tr = (time.perf_counter() - t0) / len(rows)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             msg = _row_message(e, first)
             log.exception("translation of %d rows from %s failed", len(rows), first.image or first.id)
             return records + [

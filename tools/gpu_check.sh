@@ -14,10 +14,12 @@ head -15 "$OUT/nvidia-smi.txt"
 # No network there: a wheelhouse carried in .devcarry/wheels (pip download --python-version 3.12 ...)
 # is installed offline first when present.
 if [ -d .devcarry/wheels ]; then
-  "$PY" -m pip install -q --no-index --find-links .devcarry/wheels -e . pytest > "$OUT/pip.txt" 2>&1 \
+  "$PY" -m pip install -q --no-index --no-deps .devcarry/wheels/*.whl > "$OUT/pip.txt" 2>&1 \
     || echo "gpu_check: offline install from .devcarry/wheels failed; see $OUT/pip.txt"
 fi
-if ! "$PY" -c "import torch, diffusers, transformers, numpy, PIL, yaml, pyarrow, fsspec, safetensors" 2> "$OUT/imports.txt"; then
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# pyarrow (manifests, results) is not needed by the bench or the GPU tests: the compute path imports none.
+if ! "$PY" -c "import torch, diffusers, transformers, numpy, PIL, yaml, fsspec, safetensors" 2> "$OUT/imports.txt"; then
   echo "gpu_check: the Python packages pnp-batch needs (torch, diffusers, transformers, ...) are not installed"
   echo "gpu_check: here, and this machine has no network to install them; see $OUT/imports.txt"
   cat "$OUT/imports.txt"
@@ -32,6 +34,6 @@ timeout 270 "$PY" -m pnp_batch bench --arch sd21-base --device cuda --dtype floa
   --steps 50 --k 1 --k 4 --sources 2 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 echo "bench exit status ${PIPESTATUS[0]}"
 
-timeout 90 "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
+timeout 120 "$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_bench.py -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
 echo "gpu tests exit status $?"
 tail -5 "$OUT/gpu-tests.txt"

@@ -1,0 +1,31 @@
+"""Row: one manifest row, resolved and checked. Plain Python (no pyarrow), so compute-only code
+(the translator, the benchmark, GPU workers) can use it without the data-plane dependencies."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Row:
+    """One manifest row, resolved and checked."""
+
+    index: int
+    id: str
+    image: str | None
+    image_bytes: bytes | None
+    source_prompt: str
+    target_prompt: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @cached_property
+    def source_key(self) -> str:
+        """What identifies the source image: rows sharing it share one inversion."""
+        if self.image_bytes is not None:
+            return "bytes:" + hashlib.sha256(self.image_bytes).hexdigest()
+        return self.image or f"row:{self.index}"
