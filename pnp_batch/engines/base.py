@@ -6,9 +6,10 @@ import logging
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 from pnp_batch import __version__, storage
 from pnp_batch.config import PipelineConfig

@@ -13,8 +13,8 @@ its output is never used, so this changes nothing but the cost.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
