@@ -352,7 +352,8 @@ class Bench:
         self.cfg = PipelineConfig(
             model=f"random:{self.args.arch}", device=str(self.device), dtype=dname, resolution=s["resolution"],
             steps=s["steps"], inversion_steps=s["steps"], batch_size=max(3, 2 * max(s["k"]) + 1),
-            compile=bool(self.args.compile), name=f"bench-{self.args.arch}",
+            compile=bool(self.args.compile), channels_last=bool(getattr(self.args, "channels_last", False)),
+            name=f"bench-{self.args.arch}",
         )
         self.tmp = tmp
         self.tr = Translator(self.cfg, out_uri=tmp, models=self.models)
@@ -378,9 +379,10 @@ class Bench:
                 self.unet(torch.zeros((1, 4, h, h), dtype=self.models.dtype), 1, encoder_hidden_states=emb)
         else:
             store = self.tr.features
-            self.tr.features = _fresh_store(self, "warmup")
-            _, sizes = self.run_default(min(self.s["k"]), warm=False)
-            self.run_floor(min(self.s["k"]), sizes)
+            for k in self.s["k"]:  # every batch shape once: cuDNN/cuBLAS pick their kernels per shape
+                self.tr.features = _fresh_store(self, f"warmup-{k}")
+                _, sizes = self.run_default(k, warm=False)
+                self.run_floor(k, sizes)
             self.tr.features = store
         self.counter.sizes.clear()
 
@@ -718,6 +720,7 @@ def run_bench(args) -> int:
             "k": s["k"],
             "sources": s["sources"],
             "compile": bool(args.compile),
+            "channels_last": bool(getattr(args, "channels_last", False)),
             "guidance_scale": b.cfg.guidance_scale,
             "pnp_f_t": b.cfg.pnp_f_t,
             "pnp_attn_t": b.cfg.pnp_attn_t,

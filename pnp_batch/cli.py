@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="redo rows already done")
     r.add_argument("--dry-run", action="store_true", help="validate and plan; load no model")
     r.add_argument("--no-report", action="store_true", help="skip the contact sheet")
+    r.add_argument("--fallback-pipeline", default=None, metavar="NAME",
+                   help="if the pipeline's model cannot be loaded here (no weights, no hub), say so and run this "
+                   "pipeline instead (the README's demo uses 'tiny')")
     r.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec storage option (repeatable), e.g. client_kwargs.region_name=eu-west-1")
 
@@ -73,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the authors' inversion step count (999); lower it for a quick CPU run")
     b.add_argument("--k", type=int, action="append", default=None, help="prompts per source (repeatable)")
     b.add_argument("--sources", type=int, default=None)
-    b.add_argument("--compile", action="store_true")
+    b.add_argument("--compile", action="store_true", help="torch.compile the UNet (measured)")
+    b.add_argument("--channels-last", action="store_true", help="UNet in channels-last memory format (CUDA)")
     b.add_argument("--json", default=None, help="write the figures as JSON here")
     b.add_argument("--data", action="store_true", help="also run the data-plane benchmarks")
     return p
@@ -106,6 +110,20 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     opts = _storage(a.storage_option)
     cfg = load_config(a.pipeline, a.overrides)
+    if a.fallback_pipeline and not a.dry_run:
+        from pnp_batch.models import model_available
+
+        why = model_available(cfg)
+        if why is not None:
+            fallback = load_config(a.fallback_pipeline, a.overrides)
+            print(
+                f"pnp-batch: the weights of pipeline {cfg.name!r} are not available here: {why}.\n"
+                f"pnp-batch: falling back to pipeline {fallback.name!r} (model {fallback.model!r})"
+                + (": a random-weight TEST model; its outputs show the plumbing, not quality." if fallback.model
+                   == "tiny" else "."),
+                file=sys.stderr,
+            )
+            cfg = fallback
     if a.limit is not None and a.limit < 0:
         raise UsageError("--limit must be >= 0")
     if a.workers is not None and a.workers < 1:

@@ -276,6 +276,39 @@ def _hub_help(model: str, revision: str, err: Exception) -> ModelLoadError:
     )
 
 
+def hub_problem(model: str, revision: str) -> Exception | None:
+    """One quick request to the hub (10 s timeout): None if the model is reachable, else the error.
+
+    Without it, an unreachable hub costs minutes of diffusers' and huggingface_hub's own retries
+    before the first error; with it, the user is told at once.
+    """
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(model, revision=revision, timeout=10)
+    except Exception as e:  # noqa: BLE001 - any failure means "not reachable from here"
+        return e
+    return None
+
+
+def model_available(cfg: PipelineConfig) -> str | None:
+    """None when cfg.model can be loaded here (local folder/file, cached, or reachable); else why not."""
+    model = cfg.model
+    if model == "tiny" or os.path.isdir(model) or os.path.isfile(model):
+        return None
+    if model.startswith(("/", "./", "../")) or model.endswith((".safetensors", ".ckpt")):
+        return f"{model!r} does not exist"
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(model, revision=cfg.revision, local_files_only=True, allow_patterns=["model_index.json"])
+        return None
+    except Exception:  # noqa: BLE001 - not in the cache: ask the hub
+        pass
+    problem = hub_problem(model, cfg.revision)
+    return None if problem is None else f"{model!r} is not in the local cache and the hub is not reachable ({problem})"
+
+
 def load_models(cfg: PipelineConfig) -> Models:
     """Load the model named by cfg.model once, onto cfg.device in cfg.dtype, eval mode, no grads."""
     device = resolve_device(cfg.device)
@@ -300,18 +333,22 @@ def load_models(cfg: PipelineConfig) -> Models:
     elif os.path.exists(model) or model.startswith(("/", "./", "../")):
         raise ModelLoadError(f"model path {model!r} does not exist or is not a diffusers folder or checkpoint file")
     else:
-        try:
-            parts = _load_folder(Path(model), cfg.revision, dtype, local_only=False)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise _hub_help(model, cfg.revision, e) from e
+        try:  # the local Hugging Face cache first: no network needed when the weights are there
+            parts = _load_folder(Path(model), cfg.revision, dtype, local_only=True)
+        except (OSError, ValueError, RuntimeError):
+            problem = hub_problem(model, cfg.revision)
+            if problem is not None:
+                raise _hub_help(model, cfg.revision, problem) from problem
+            try:
+                parts = _load_folder(Path(model), cfg.revision, dtype, local_only=False)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise _hub_help(model, cfg.revision, e) from e
         fingerprint = f"hub:{model}@{cfg.revision}"
     vae, text_encoder, tokenizer, unet, sched = parts
     for m in (vae, text_encoder, unet):
         m.to(device)
         m.eval()
         m.requires_grad_(False)
-    if cfg.channels_last and device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)
     pred = sched.get("prediction_type", "epsilon")
     if pred not in ("epsilon", "v_prediction"):
         raise ModelLoadError(f"model {model!r} uses prediction_type={pred!r}; pnp-batch supports epsilon and v_prediction")

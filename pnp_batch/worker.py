@@ -76,6 +76,11 @@ class Translator:
         self.timesteps = generation_timesteps(cfg.steps)
         self._emb: dict[str, torch.Tensor] = {}
         self.max_batch = self._max_batch()
+        if self.models.device.type == "cuda":
+            # shapes are fixed per resolution: let cuDNN pick its fastest convolution once per shape
+            torch.backends.cudnn.benchmark = True
+            if cfg.channels_last:
+                self.models.unet.to(memory_format=torch.channels_last)
         if cfg.compile:
             self.models.unet = torch.compile(self.models.unet)
 

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 
 S3_KEY_ID = "testing"
 S3_SECRET = "testing-secret-Zq8uX2vLw9"  # distinctive, so tests can assert it never leaks
@@ -111,3 +112,41 @@ def tiny_model_dir():
     from pnp_batch.models import tiny_model_dir as _tiny_dir
 
     return _tiny_dir()
+
+
+# --- the engine's fixtures: the tiny model loaded once, a text embedder, an inverted source ------
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_model_dir):
+    from pnp_batch.config import load_config
+    from pnp_batch.models import load_models
+
+    return load_models(load_config("tiny", {"model": str(tiny_model_dir)}))
+
+
+@pytest.fixture(scope="session")
+def embed(tiny_models):
+    def _embed(prompts: list[str]) -> torch.Tensor:
+        tok = tiny_models.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        with torch.no_grad():
+            return tiny_models.text_encoder(ids)[0]
+
+    return _embed
+
+
+@pytest.fixture(scope="session")
+def source_latents(tiny_models, embed):
+    """10-step inversion of a seeded 128x128 image: (10, 1, 4, 16, 16); the mid block sees 2x2."""
+    from pnp_batch.config import generation_timesteps
+    from pnp_batch.pnp.inversion import ddim_invert
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 3, 128, 128, generator=g) * 2 - 1
+    with torch.no_grad():
+        z0 = tiny_models.vae.encode(img).latent_dist.mean * tiny_models.scaling_factor
+    inv = ddim_invert(tiny_models.unet, tiny_models.scheduler_config, z0, embed([""]), 10, generation_timesteps(10))
+    return inv.latents
+

@@ -33,6 +33,11 @@ fi
 timeout 270 "$PY" -m pnp_batch bench --arch sd21-base --device cuda --dtype float16 --resolution 512 \
   --steps 50 --k 1 --k 4 --sources 2 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 echo "bench exit status ${PIPESTATUS[0]}"
+# The same default path in channels-last memory format (K=4; a shorter reference, extrapolated).
+timeout 150 "$PY" -m pnp_batch bench --arch sd21-base --device cuda --dtype float16 --resolution 512 \
+  --steps 50 --k 4 --sources 2 --reference-inversion-steps 100 --channels-last --json "$OUT/bench-cl.json" \
+  2>&1 | tee "$OUT/bench-cl.txt"
+echo "bench (channels-last) exit status ${PIPESTATUS[0]}"
 
 timeout 120 "$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_bench.py -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
 echo "gpu tests exit status $?"

@@ -149,10 +149,11 @@ def execute(req: RunRequest, backend: Backend) -> int:
     )
     counts = {"ok": 0, "failed": 0}
     sample: list[dict[str, Any]] = []
+    if p.todo:
+        backend.start(req)  # loads the model: an unusable one stops here, before anything is written
     writer = ResultWriter(req.out, run_id, extra_schema=manifest.extra_schema)
     status = "finished"
     if p.todo:
-        backend.start(req)
         progress = Progress(p.todo, f"pnp-batch {run_id}")
         try:
             groups = group_rows(todo_rows(manifest, done, req), window=req.group_window)
