@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pnp_batch.models import SD_SCHEDULER, TOKENIZER_ASSETS, Models, resolve_device, resolve_dtype
+from pnp_batch.models import SD_SCHEDULER, TOKENIZER_ASSETS, Models, resolve_device, resolve_dtype, sd_vae
 
 ARCHS = ("tiny", "sd21-base", "sd15")
 
@@ -73,7 +73,7 @@ def build_random_models(arch: str, device: Any = "auto", dtype: Any = "auto", se
         return load_models(PipelineConfig(model="tiny", device=str(dev), dtype=name))
     if arch not in _ARCH:
         raise ValueError(f"unknown arch {arch!r}; one of {', '.join(ARCHS)}")
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     spec = _ARCH[arch]
@@ -103,18 +103,7 @@ def build_random_models(arch: str, device: Any = "auto", dtype: Any = "auto", se
             **spec["unet"],
         )
         torch.manual_seed(seed + 2)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
+        vae = sd_vae((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
     with torch.no_grad():
         # Random weights give an eps of arbitrary scale; keep it near a trained model's (|eps| ~ 1)
         # so a long DDIM inversion stays finite (inf/NaN would distort timings, not just images).

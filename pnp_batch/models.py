@@ -96,6 +96,24 @@ def cache_dir() -> Path:
 # The offline test model
 
 
+def sd_vae(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int):
+    """An AutoencoderKL with Stable Diffusion's VAE layout (4 blocks, 4 latent channels, 0.18215)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=block_out_channels,
+        latent_channels=4,
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+
+
 def make_test_model(out_dir: str | os.PathLike, seed: int = TINY_SEED) -> Path:
     """Write the tiny test model in diffusers format: SD's block topology, tiny widths, seeded weights.
 
@@ -103,7 +121,7 @@ def make_test_model(out_dir: str | os.PathLike, seed: int = TINY_SEED) -> Path:
     up_blocks[1].attentions[1..2], up_blocks[2..3].attentions[0..2]). Saved with
     StableDiffusionPipeline.save_pretrained, so any diffusers code (ours or the authors') loads it.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(out_dir)
@@ -149,18 +167,7 @@ def make_test_model(out_dir: str | os.PathLike, seed: int = TINY_SEED) -> Path:
         unet.conv_out.weight.mul_(0.2)
         unet.conv_out.bias.zero_()
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
+    vae = sd_vae((8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)
     # A random encoder gives latents of std ~0.07 after SD's 0.18215 scaling; SD's trained VAE gives
     # ~1, the scale the noise schedule assumes. Scale the posterior mean up (and the decoder's input
     # down by as much) so DDIM inversion sees latents of the size it does with real models.
@@ -303,10 +310,12 @@ def model_available(cfg: PipelineConfig) -> str | None:
 
         snapshot_download(model, revision=cfg.revision, local_files_only=True, allow_patterns=["model_index.json"])
         return None
-    except Exception:  # noqa: BLE001 - not in the cache: ask the hub
-        pass
+    except Exception as e:  # noqa: BLE001 - not in the cache: ask the hub
+        log.debug("%s is not in the local Hugging Face cache: %s", model, e)
     problem = hub_problem(model, cfg.revision)
-    return None if problem is None else f"{model!r} is not in the local cache and the hub is not reachable ({problem})"
+    if problem is None:
+        return None
+    return f"{model!r} is not in the local cache and the hub is not reachable ({problem})"
 
 
 def load_models(cfg: PipelineConfig) -> Models:
