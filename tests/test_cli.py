@@ -47,7 +47,7 @@ def _summary(out):
     return json.loads(runs[-1].read_text())
 
 
-def test_run_writes_contract_outputs_and_resumes(tmp_path):
+def test_run_writes_contract_outputs_and_resumes(tmp_path, caplog):
     m = _manifest(tmp_path, _rows(_sources(tmp_path)))
     out = tmp_path / "out"
     assert main(["run", m, "--out", str(out), *FAST]) == 0
@@ -72,6 +72,10 @@ def test_run_writes_contract_outputs_and_resumes(tmp_path):
 
     # re-running does no work and writes no duplicate
     assert main(["run", m, "--out", str(out), *FAST]) == 0
+    # ...and a run with another config says the rows were done with a different one
+    with caplog.at_level("WARNING", logger="pnp_batch"):
+        assert main(["run", m, "--out", str(out), *FAST, "--set", "guidance_scale=5", "--dry-run"]) == 0
+    assert "6 rows" in caplog.text and "another pipeline config" in caplog.text
     s2 = _summary(out)
     assert s2["counts"] == {"manifest_rows": 6, "done_before": 6, "attempted": 0, "ok": 0, "failed": 0}
     assert pads.dataset(str(out / "results"), format="parquet").to_table().num_rows == 6

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from pnp_batch import __version__, storage
 from pnp_batch.config import PipelineConfig
 from pnp_batch.manifest import Manifest, Row, group_rows, open_manifest
-from pnp_batch.results import ResultWriter, load_latest, make_run_id, write_run_summary
+from pnp_batch.results import ResultWriter, latest_results, load_latest, make_run_id, write_run_summary
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,25 @@ def plan(req: RunRequest) -> tuple[Manifest, dict[str, str], Plan]:
     if req.limit is not None:
         total = min(total, req.limit)
     done = {} if req.overwrite else load_latest(req.out)
+    if done:
+        _warn_other_config(req)
     todo = sum(1 for _ in todo_rows(manifest, done, req))
     return manifest, done, Plan(total=total, done_before=total - todo, todo=todo)
+
+
+def _warn_other_config(req: RunRequest) -> None:
+    """Rows done under another pipeline config stay done (resume is by id): say so, once."""
+    import pyarrow.compute as pc
+
+    table = latest_results(req.out, ["status", "config_hash"])
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    other = ok.filter(pc.not_equal(ok.column("config_hash"), req.cfg.hash())).num_rows
+    if other:
+        log.warning(
+            "%d rows in %s were done with another pipeline config (config_hash differs from %s); they count "
+            "as done: use --overwrite to redo them with this one, or another --out",
+            other, req.out, req.cfg.hash(),
+        )
 
 
 def versions() -> dict[str, str]:
