@@ -9,7 +9,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from pnp_batch.models import TEST_MODEL_NOTE, Models, load_models
 from pnp_batch.pnp.injection import PnPInjector
 from pnp_batch.pnp.inversion import ddim_invert
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
+from pnp_batch.records import row_record
 from pnp_batch.rows import Row
 
 log = logging.getLogger(__name__)
@@ -292,37 +292,12 @@ class Translator:
                 negative: str | None = None, feature_key: str | None = None, cache_hit: bool | None = None,
                 width: int | None = None, height: int | None = None, invert_seconds: float | None = None,
                 translate_seconds: float | None = None, attempt: int = 1, warning: str | None = None) -> dict:
-        cfg = self.cfg
-        rec = {
-            "id": r.id,
-            "status": status,
-            "error": error,
-            "warning": warning,
-            "output": output,
-            "image": r.image if r.image is not None else "<image_bytes>",
-            "source_prompt": r.source_prompt,
-            "target_prompt": r.target_prompt,
-            "negative_prompt": negative,
-            "seed": int(r.overrides.get("seed", cfg.seed)),
-            "guidance_scale": float(r.overrides.get("guidance_scale", cfg.guidance_scale)),
-            "pnp_f_t": float(r.overrides.get("pnp_f_t", cfg.pnp_f_t)),
-            "pnp_attn_t": float(r.overrides.get("pnp_attn_t", cfg.pnp_attn_t)),
-            "pipeline": cfg.name,
-            "config_hash": cfg.hash(),
-            "model": self.models.fingerprint + (f" ({TEST_MODEL_NOTE})" if self.models.is_test_model else ""),
-            "feature_key": feature_key,
-            "feature_cache_hit": cache_hit,
-            "width": width,
-            "height": height,
-            "invert_seconds": invert_seconds,
-            "translate_seconds": translate_seconds,
-            "worker": self.worker,
-            "attempt": attempt,
-            "finished_at": datetime.now(timezone.utc),
-        }
-        for k, v in r.extra.items():
-            rec.setdefault(k, v)
-        return rec
+        model = self.models.fingerprint + (f" ({TEST_MODEL_NOTE})" if self.models.is_test_model else "")
+        return row_record(
+            r, self.cfg, status, model, self.worker, attempt, error=error, warning=warning, output=output,
+            negative_prompt=negative, feature_key=feature_key, feature_cache_hit=cache_hit, width=width,
+            height=height, invert_seconds=invert_seconds, translate_seconds=translate_seconds,
+        )
 
 
 def _row_message(e: BaseException, row: Row) -> str:

@@ -17,7 +17,6 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 from pnp_batch import storage
@@ -25,6 +24,7 @@ from pnp_batch.config import PipelineConfig
 from pnp_batch.engines.base import RunRequest
 from pnp_batch.errors import UsageError
 from pnp_batch.manifest import Row
+from pnp_batch.records import row_record
 
 log = logging.getLogger(__name__)
 
@@ -128,38 +128,8 @@ def _reason(e: BaseException) -> str:
 
 
 def lost_record(row: Row, cfg: PipelineConfig, model: str, worker: str, attempt: int, error: str) -> dict[str, Any]:
-    """The record of a row whose group lost its worker too often; the shape Translator._record gives."""
-    o = row.overrides
-    rec: dict[str, Any] = {
-        "id": row.id,
-        "status": "failed",
-        "error": error,
-        "warning": None,
-        "output": None,
-        "image": row.image if row.image is not None else "<image_bytes>",
-        "source_prompt": row.source_prompt,
-        "target_prompt": row.target_prompt,
-        "negative_prompt": None,
-        "seed": int(o.get("seed", cfg.seed)),
-        "guidance_scale": float(o.get("guidance_scale", cfg.guidance_scale)),
-        "pnp_f_t": float(o.get("pnp_f_t", cfg.pnp_f_t)),
-        "pnp_attn_t": float(o.get("pnp_attn_t", cfg.pnp_attn_t)),
-        "pipeline": cfg.name,
-        "config_hash": cfg.hash(),
-        "model": model,
-        "feature_key": None,
-        "feature_cache_hit": None,
-        "width": None,
-        "height": None,
-        "invert_seconds": None,
-        "translate_seconds": None,
-        "worker": worker,
-        "attempt": attempt,
-        "finished_at": datetime.now(timezone.utc),
-    }
-    for k, v in row.extra.items():
-        rec.setdefault(k, v)
-    return rec
+    """The record of a row whose group lost its worker too often."""
+    return row_record(row, cfg, "failed", model, worker, attempt, error=error)
 
 
 @dataclass
