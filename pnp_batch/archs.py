@@ -12,12 +12,18 @@ from typing import Any
 
 import torch
 
-from pnp_batch.models import SD_SCHEDULER, TOKENIZER_ASSETS, Models, resolve_device, resolve_dtype, sd_vae
+from pnp_batch.models import (
+    SD_SCHEDULER,
+    TOKENIZER_ASSETS,
+    Models,
+    resolve_device,
+    resolve_dtype,
+    sd_unet,
+    sd_vae,
+)
 
 ARCHS = ("tiny", "sd21-base", "sd15")
 
-_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
-_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 
 # Per architecture: the UNet's text-conditioning settings and the text encoder's config.
 _ARCH: dict[str, dict[str, Any]] = {
@@ -73,7 +79,6 @@ def build_random_models(arch: str, device: Any = "auto", dtype: Any = "auto", se
         return load_models(PipelineConfig(model="tiny", device=str(dev), dtype=name))
     if arch not in _ARCH:
         raise ValueError(f"unknown arch {arch!r}; one of {', '.join(ARCHS)}")
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     spec = _ARCH[arch]
@@ -91,17 +96,7 @@ def build_random_models(arch: str, device: Any = "auto", dtype: Any = "auto", se
             )
         )
         torch.manual_seed(seed + 1)
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=_DOWN,
-            up_block_types=_UP,
-            norm_num_groups=32,
-            **spec["unet"],
-        )
+        unet = sd_unet((320, 640, 1280, 1280), norm_num_groups=32, **spec["unet"])
         torch.manual_seed(seed + 2)
         vae = sd_vae((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
     with torch.no_grad():

@@ -96,6 +96,24 @@ def cache_dir() -> Path:
 # The offline test model
 
 
+def sd_unet(block_out_channels: tuple[int, ...], norm_num_groups: int, **conditioning: Any):
+    """A UNet2DConditionModel with Stable Diffusion's block topology (4 down, 4 up, 2 layers each,
+    cross-attention in the first three down and last three up blocks); widths and text settings given."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=block_out_channels,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=norm_num_groups,
+        **conditioning,
+    )
+
+
 def sd_vae(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int):
     """An AutoencoderKL with Stable Diffusion's VAE layout (4 blocks, 4 latent channels, 0.18215)."""
     from diffusers import AutoencoderKL
@@ -121,7 +139,7 @@ def make_test_model(out_dir: str | os.PathLike, seed: int = TINY_SEED) -> Path:
     up_blocks[1].attentions[1..2], up_blocks[2..3].attentions[0..2]). Saved with
     StableDiffusionPipeline.save_pretrained, so any diffusers code (ours or the authors') loads it.
     """
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(out_dir)
@@ -148,19 +166,8 @@ def make_test_model(out_dir: str | os.PathLike, seed: int = TINY_SEED) -> Path:
         )
     )
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=1,
-        norm_num_groups=8,
-        use_linear_projection=True,
-    )
+    unet = sd_unet((16, 16, 32, 32), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=1,
+                   use_linear_projection=True)
     # Random weights give an eps prediction of large, arbitrary scale; shrink the output layer so the
     # model behaves like a trained one in magnitude (|eps| around 1) and DDIM inversion stays stable.
     with torch.no_grad():
