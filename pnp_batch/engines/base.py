@@ -168,7 +168,9 @@ def execute(req: RunRequest, backend: Backend) -> int:
     sample: list[dict[str, Any]] = []
     if p.todo:
         backend.start(req)  # loads the model: an unusable one stops here, before anything is written
-    writer = ResultWriter(req.out, run_id, extra_schema=manifest.extra_schema)
+    # A shard every 1,000 rows or 2 minutes: few files, and a crash loses at most 2 minutes of records
+    # (their images exist; the next run redoes those rows and rewrites the same bytes).
+    writer = ResultWriter(req.out, run_id, shard_rows=1000, flush_seconds=120.0, extra_schema=manifest.extra_schema)
     status = "finished"
     if p.todo:
         progress = Progress(p.todo, f"pnp-batch {run_id}")
@@ -193,10 +195,10 @@ def execute(req: RunRequest, backend: Backend) -> int:
             progress.close()
             stats = backend.stats()
             backend.stop()
-            _summary(req, run_id, started, t0, p, counts, stats, status, backend.name, writer)
+            _summary(req, manifest.uri, run_id, started, t0, p, counts, stats, status, backend.name, writer)
     else:
         writer.close()
-        _summary(req, run_id, started, t0, p, counts, {}, status, backend.name, writer)
+        _summary(req, manifest.uri, run_id, started, t0, p, counts, {}, status, backend.name, writer)
         log.info("nothing to do: every row is already done (use --overwrite to redo them)")
     if req.report and sample:
         try:
@@ -210,13 +212,13 @@ def execute(req: RunRequest, backend: Backend) -> int:
     return 1 if failed else 0
 
 
-def _summary(req: RunRequest, run_id: str, started: datetime, t0: float, p: Plan, counts: dict, stats: dict,
+def _summary(req: RunRequest, manifest_uri: str, run_id: str, started: datetime, t0: float, p: Plan, counts: dict, stats: dict,
              status: str, engine: str, writer: ResultWriter) -> None:
     wall = time.monotonic() - t0
     summary = {
         "run_id": run_id,
         "status": status,
-        "manifest": req.manifest,
+        "manifest": manifest_uri,
         "out": req.out,
         "features": req.features_uri,
         "engine": engine,
