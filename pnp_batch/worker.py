@@ -76,6 +76,8 @@ class Translator:
         self.timesteps = generation_timesteps(cfg.steps)
         self._emb: dict[str, torch.Tensor] = {}
         self.max_batch = self._max_batch()
+        # sources inverted per UNet call: a CPU's time follows batch elements (no gain), a GPU's does not
+        self.inversion_batch = 4 if self.models.device.type == "cuda" else 1
         if self.models.device.type == "cuda":
             # shapes are fixed per resolution: let cuDNN pick its fastest convolution once per shape
             torch.backends.cudnn.benchmark = True
@@ -139,13 +141,15 @@ class Translator:
     def invert(self, image_rgb, inversion_prompt: str, on_step: Callable | None = None) -> torch.Tensor:
         """(steps, 1, 4, h, w) latents at the generation timesteps, noisiest first."""
         img = resize_source(image_rgb, self.cfg.resolution, self.cfg.resize_mode)
-        z0 = self.encode(img)
-        cond = self.embed([inversion_prompt])
+        return self._invert_batch(self.encode(img), inversion_prompt, on_step)
+
+    def _invert_batch(self, z0: torch.Tensor, inversion_prompt: str, on_step: Callable | None = None) -> torch.Tensor:
+        """(steps, B, 4, h, w) for B clean latents of one size."""
         res = ddim_invert(
             self.models.unet,
             self.models.scheduler_config,
             z0,
-            cond,
+            self.embed([inversion_prompt]),
             self.cfg.inversion_steps,
             self.timesteps,
             self.models.prediction_type,
@@ -153,33 +157,65 @@ class Translator:
         )
         self.counters.invert_calls += res.unet_calls
         self.counters.invert_elements += res.batch_elements
-        self.counters.inversions += 1
+        self.counters.inversions += z0.shape[0]
         return res.latents
 
-    def source_features(self, data: bytes, inversion_prompt: str) -> tuple[torch.Tensor, str, bool, float]:
-        """Inverted latents for the image bytes: from the feature store, or inverted and stored."""
-        sha = hashlib.sha256(data).hexdigest()
+    def _key(self, sha: str, inversion_prompt: str) -> str:
         key = feature_key(sha, self.models.fingerprint, str(self.models.dtype).removeprefix("torch."), self.cfg)
         if self.cfg.inversion_prompt:
             key = hashlib.sha256(f"{key}|{inversion_prompt}".encode()).hexdigest()[:32]
-        t0 = time.perf_counter()
-        hit = self.features.get(key)
-        if hit is not None:
-            self.counters.cache_hits += 1
-            return hit[0].to(self.models.device), key, True, time.perf_counter() - t0
-        img = decode_image(data, self.cfg.max_pixels)
-        latents = self.invert(img, inversion_prompt)
-        meta = {
-            "image_sha256": sha,
-            "model": self.models.fingerprint,
-            "dtype": str(self.models.dtype),
-            "inversion_prompt": inversion_prompt,
-            "timesteps": self.timesteps,
-            "width": img.size[0],
-            "height": img.size[1],
-        }
-        self.features.put(key, latents.cpu(), meta)
-        return latents, key, False, time.perf_counter() - t0
+        return key
+
+    def source_features(self, data: bytes, inversion_prompt: str) -> tuple[torch.Tensor, str, bool, float]:
+        """Inverted latents for the image bytes: from the feature store, or inverted and stored."""
+        out = self.source_features_many([(data, inversion_prompt)])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def source_features_many(
+        self, sources: list[tuple[bytes, str]]
+    ) -> list[tuple[torch.Tensor, str, bool, float] | Exception]:
+        """Features for several sources: store hits are loaded; the misses of one latent size and
+        inversion prompt are inverted together, `inversion_batch` sources per UNet call (on a GPU a
+        batch-1 UNet call is launch-bound: a batch of 4 costs little more than one). A source that
+        fails (unreadable image) gets its exception in its place; the others go on."""
+        results: list[Any] = [None] * len(sources)
+        todo: dict[tuple, list[tuple[int, str, str, Any, torch.Tensor]]] = {}
+        for i, (data, prompt) in enumerate(sources):
+            t0 = time.perf_counter()
+            try:
+                sha = hashlib.sha256(data).hexdigest()
+                key = self._key(sha, prompt)
+                hit = self.features.get(key)
+                if hit is not None:
+                    self.counters.cache_hits += 1
+                    results[i] = (hit[0].to(self.models.device), key, True, time.perf_counter() - t0)
+                    continue
+                img = decode_image(data, self.cfg.max_pixels)
+                z0 = self.encode(resize_source(img, self.cfg.resolution, self.cfg.resize_mode))
+            except Exception as e:  # noqa: BLE001 - the caller fails this source's rows
+                results[i] = e
+                continue
+            todo.setdefault((tuple(z0.shape), prompt), []).append((i, sha, key, img.size, z0))
+        for (_, prompt), items in todo.items():
+            for start in range(0, len(items), self.inversion_batch):
+                chunk = items[start : start + self.inversion_batch]
+                t0 = time.perf_counter()
+                try:
+                    latents = self._invert_batch(torch.cat([z for *_, z in chunk]), prompt)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory: these sources' rows fail
+                    for i, *_ in chunk:
+                        results[i] = e
+                    continue
+                for j, (i, sha, key, size, _) in enumerate(chunk):
+                    lat = latents[:, j : j + 1]
+                    meta = {"image_sha256": sha, "model": self.models.fingerprint, "dtype": str(self.models.dtype),
+                            "inversion_prompt": prompt, "timesteps": self.timesteps, "width": size[0],
+                            "height": size[1]}
+                    self.features.put(key, lat.cpu(), meta)
+                    results[i] = (lat, key, False, (time.perf_counter() - t0) / len(chunk))
+        return results
 
     # -- the group ---------------------------------------------------------------------------
     def _targets(self, rows: list[Row]) -> tuple[list[Target], list[str]]:
@@ -239,28 +275,52 @@ class Translator:
         return np.concatenate(images), negs
 
     def process(self, rows: list[Row], attempt: int = 1) -> list[dict[str, Any]]:
-        """Translate every row of a group (rows sharing one source image); one record per row.
+        """Translate every row of a group (rows sharing one source image); one record per row."""
+        return self.process_many([rows], attempt)[0]
+
+    def process_many(self, groups: list[list[Row]], attempt: int = 1) -> list[list[dict[str, Any]]]:
+        """Translate several groups; their inversions share UNet calls (see source_features_many).
 
         Images are written before the records are returned (the record that says "done" comes
-        last). A failure of the source (unreadable image) fails every row of the group; a failure
+        last). A failure of a source (unreadable image) fails every row of its group; a failure
         in sampling fails the rows of that group only. Nothing raises except worker loss.
         """
-        records: list[dict[str, Any]] = []
-        bad = [r for r in rows if r.error]
-        for r in bad:
-            records.append(self._record(r, "failed", error=r.error, attempt=attempt))
-        rows = [r for r in rows if not r.error]
-        if not rows:
-            return records
+        prepared: list[tuple[list[dict[str, Any]], list[Row], int | None]] = []
+        sources: list[tuple[bytes, str]] = []
+        for group in groups:
+            records = [self._record(r, "failed", error=r.error, attempt=attempt) for r in group if r.error]
+            rows = [r for r in group if not r.error]
+            if not rows:
+                prepared.append((records, rows, None))
+                continue
+            first = rows[0]
+            try:
+                data = first.image_bytes if first.image_bytes is not None else storage.read_bytes(first.image)
+            except Exception as e:  # noqa: BLE001 - a bad source is data: every row of the group fails
+                records += self._source_failed(rows, e, attempt)
+                prepared.append((records, [], None))
+                continue
+            prepared.append((records, rows, len(sources)))
+            sources.append((data, self.cfg.inversion_prompt.replace("{source_prompt}", first.source_prompt)))
+        feats = self.source_features_many(sources) if sources else []
+        out = []
+        for records, rows, idx in prepared:
+            if idx is not None:
+                f = feats[idx]
+                records += self._source_failed(rows, f, attempt) if isinstance(f, Exception) else self._finish(
+                    rows, *f, attempt=attempt)
+            out.append(records)
+        return out
+
+    def _source_failed(self, rows: list[Row], e: Exception, attempt: int) -> list[dict[str, Any]]:
+        msg = _row_message(e, rows[0])
+        log.warning("source %s failed: %s", rows[0].image or rows[0].id, msg)
+        return [self._record(r, "failed", error=msg, attempt=attempt) for r in rows]
+
+    def _finish(self, rows: list[Row], latents: torch.Tensor, key: str, hit: bool, t_inv: float,
+                attempt: int) -> list[dict[str, Any]]:
+        """Sample, decode and write the images of one group, then build its records."""
         first = rows[0]
-        try:
-            data = first.image_bytes if first.image_bytes is not None else storage.read_bytes(first.image)
-            inv_prompt = self.cfg.inversion_prompt.replace("{source_prompt}", first.source_prompt)
-            latents, key, hit, t_inv = self.source_features(data, inv_prompt)
-        except Exception as e:  # noqa: BLE001 - a bad source is data: every row of the group fails
-            msg = _row_message(e, first)
-            log.warning("source %s failed: %s", first.image or first.id, msg)
-            return records + [self._record(r, "failed", error=msg, attempt=attempt) for r in rows]
         h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
         try:
             t0 = time.perf_counter()
@@ -269,19 +329,17 @@ class Translator:
         except Exception as e:
             msg = _row_message(e, first)
             log.exception("translation of %d rows from %s failed", len(rows), first.image or first.id)
-            return records + [
-                self._record(r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt) for r in rows
-            ]
+            return [self._record(r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt) for r in rows]
+        records = []
         for r, img, neg in zip(rows, images, negs):
             try:
                 uri = output_uri(self.out, r.id, self.cfg.output_format)
                 storage.write_bytes_atomic(uri, encode_image(img, self.cfg.output_format))
-                warn = self.prompt_warning(r.target_prompt)
                 records.append(
                     self._record(
                         r, "ok", output=uri, negative=neg, feature_key=key, cache_hit=hit, width=w, height=h,
                         invert_seconds=t_inv if not hit else 0.0, translate_seconds=t_tr, attempt=attempt,
-                        warning=warn,
+                        warning=self.prompt_warning(r.target_prompt),
                     )
                 )
             except Exception as e:  # noqa: BLE001

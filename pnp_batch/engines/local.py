@@ -27,6 +27,22 @@ def prefetch(row: Row) -> Row:
     return replace(row, image_bytes=data)
 
 
+def _prefetch_window(window: list[list[Row]]) -> list[list[Row]]:
+    """The groups with their first row's source bytes read (they stand in for the whole group)."""
+    return [[prefetch(g[0]), *g[1:]] for g in window]
+
+
+def _windows(groups: Iterator[list[Row]], size: int) -> Iterator[list[list[Row]]]:
+    window: list[list[Row]] = []
+    for g in groups:
+        window.append(g)
+        if len(window) >= size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
 class LocalBackend:
     name = "local"
 
@@ -39,22 +55,18 @@ class LocalBackend:
         self.translator = Translator(req.cfg, req.out, req.features_uri, worker="local")
 
     def map_groups(self, groups: Iterator[list[Row]]) -> Iterator[list[dict[str, Any]]]:
+        """Windows of `inversion_batch` groups (their inversions share UNet calls); the next window's
+        source bytes are read in a thread while this one samples."""
+        size = self.translator.inversion_batch
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
             pending: Future | None = None
-            pending_rows: list[Row] | None = None
-            for rows in groups:
-                fut = pool.submit(prefetch, rows[0])
+            for window in _windows(groups, size):
+                fut = pool.submit(_prefetch_window, window)
                 if pending is not None:
-                    yield self._run(pending_rows, pending.result())
-                pending, pending_rows = fut, rows
+                    yield from self.translator.process_many(pending.result())
+                pending = fut
             if pending is not None:
-                yield self._run(pending_rows, pending.result())
-
-    def _run(self, rows: list[Row], first: Row) -> list[dict[str, Any]]:
-        # the prefetched bytes stand in for every row of the group (they share one source)
-        if first.image_bytes is not None and rows[0].image_bytes is None:
-            rows = [first] + rows[1:]
-        return self.translator.process(rows)
+                yield from self.translator.process_many(pending.result())
 
     def stats(self) -> dict[str, Any]:
         if self.translator is None:

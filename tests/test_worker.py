@@ -1,0 +1,68 @@
+"""Translator: sources of one size are inverted together; results equal one-at-a-time inversion."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pnp_batch.config import load_config
+from pnp_batch.rows import Row
+from pnp_batch.worker import Translator
+
+STEPS = 4
+
+
+def _png(seed: int, size: tuple[int, int]) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _translator(tmp_path, tiny_models, name: str, inversion_batch: int) -> Translator:
+    cfg = load_config("tiny", {"steps": STEPS, "inversion_steps": STEPS, "resolution": 64})
+    tr = Translator(cfg, str(tmp_path / name), models=tiny_models, worker=name)
+    tr.inversion_batch = inversion_batch
+    return tr
+
+
+def test_same_size_sources_share_inversion_calls(tmp_path, tiny_models):
+    sources = [(_png(0, (64, 64)), ""), (_png(1, (64, 64)), ""), (_png(2, (96, 64)), ""), (b"not an image", "")]
+    one = _translator(tmp_path, tiny_models, "one", 1)
+    many = _translator(tmp_path, tiny_models, "many", 4)
+    try:
+        a = one.source_features_many(sources)
+        b = many.source_features_many(sources)
+    finally:
+        one.injector.remove()
+        many.injector.remove()
+    assert isinstance(a[3], Exception) and isinstance(b[3], Exception)  # the bad source fails alone
+    assert one.counters.invert_calls == 3 * STEPS and one.counters.invert_elements == 3 * STEPS
+    # the two 64x64 sources share one UNet call per step; the 96x64 one has its own
+    assert many.counters.invert_calls == 2 * STEPS and many.counters.invert_elements == 3 * STEPS
+    assert many.counters.inversions == one.counters.inversions == 3
+    for x, y in zip(a[:3], b[:3]):
+        assert x[0].shape == y[0].shape and x[1] == y[1] and not x[2] and not y[2]
+        assert torch.allclose(x[0], y[0], atol=1e-4)  # batch composition changes float rounding only
+
+
+def test_process_many_returns_one_record_list_per_group(tmp_path, tiny_models):
+    tr = _translator(tmp_path, tiny_models, "pm", 2)
+    data = _png(3, (64, 64))
+
+    def row(i: int, prompt: str, image_bytes: bytes | None = data, error: str | None = None) -> Row:
+        return Row(index=i, id=f"r{i}", image=None, image_bytes=image_bytes, source_prompt="", target_prompt=prompt,
+                   error=error)
+
+    groups = [[row(0, "a fox"), row(1, "a dog")], [row(2, "x", image_bytes=b"broken")], [row(3, "", error="empty")]]
+    try:
+        out = tr.process_many(groups)
+    finally:
+        tr.injector.remove()
+    assert [[r["id"] for r in g] for g in out] == [["r0", "r1"], ["r2"], ["r3"]]
+    assert [r["status"] for r in out[0]] == ["ok", "ok"] and out[1][0]["status"] == "failed"
+    assert "not an image" in out[1][0]["error"] and out[2][0]["error"] == "empty"
+    assert (tmp_path / "pm" / "images" / "r0.png").is_file()
