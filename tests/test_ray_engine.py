@@ -210,7 +210,7 @@ def test_s3_in_and_out_without_leaking_the_secret(
     assert all(r["output"].startswith(f"{out}/images/") for r in recs)
     assert len(storage.list_files(f"{out}/images", ".png")) == 6
     assert len(storage.list_files(features)) >= 3
-    assert len({r["worker"] for r in recs}) == 2
+    assert 1 <= len({r["worker"] for r in recs}) <= 2  # Ray decides which actor takes which group
     everything = text.out + text.err + caplog.text + repr(recs)
     for f in storage.list_files(f"{out}/runs"):
         everything += storage.read_text(f)
