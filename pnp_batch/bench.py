@@ -353,6 +353,7 @@ class Bench:
             model=f"random:{self.args.arch}", device=str(self.device), dtype=dname, resolution=s["resolution"],
             steps=s["steps"], inversion_steps=s["steps"], batch_size=max(3, 2 * max(s["k"]) + 1),
             compile=bool(self.args.compile), channels_last=bool(getattr(self.args, "channels_last", False)),
+            inversion_batch=int(getattr(self.args, "inversion_batch", None) or 1),
             name=f"bench-{self.args.arch}",
         )
         self.tmp = tmp
@@ -732,6 +733,7 @@ def run_bench(args) -> int:
             "sources": s["sources"],
             "compile": bool(args.compile),
             "channels_last": bool(getattr(args, "channels_last", False)),
+            "inversion_batch": int(getattr(args, "inversion_batch", None) or 1),
             "guidance_scale": b.cfg.guidance_scale,
             "pnp_f_t": b.cfg.pnp_f_t,
             "pnp_attn_t": b.cfg.pnp_attn_t,

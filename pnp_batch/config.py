@@ -56,6 +56,7 @@ class PipelineConfig:
     output_format: str = "png"
     quantize: str = "round"
     batch_size: int | str = "auto"
+    inversion_batch: int = 1
     max_pixels: int = 64_000_000
     compile: bool = False
     channels_last: bool = False
@@ -70,7 +71,7 @@ class PipelineConfig:
     def hash(self) -> str:
         """A short stable hash of every setting that changes the output image."""
         d = self.to_dict()
-        for k in ("name", "device", "batch_size", "compile", "channels_last", "max_pixels"):
+        for k in ("name", "device", "batch_size", "inversion_batch", "compile", "channels_last", "max_pixels"):
             d.pop(k, None)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -143,6 +144,8 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"guidance_scale={cfg.guidance_scale!r} must be a number >= 0")
     if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 3):
         raise ConfigError(f"batch_size={cfg.batch_size!r} must be 'auto' or a whole number >= 3 (UNet batch elements)")
+    if not isinstance(cfg.inversion_batch, int) or not 1 <= cfg.inversion_batch <= 64:
+        raise ConfigError(f"inversion_batch={cfg.inversion_batch!r} must be a whole number from 1 to 64")
     if not isinstance(cfg.max_pixels, int) or cfg.max_pixels < 1:
         raise ConfigError(f"max_pixels={cfg.max_pixels!r} must be a positive whole number")
     if not isinstance(cfg.seed, int):

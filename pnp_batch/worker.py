@@ -76,8 +76,10 @@ class Translator:
         self.timesteps = generation_timesteps(cfg.steps)
         self._emb: dict[str, torch.Tensor] = {}
         self.max_batch = self._max_batch()
-        # sources inverted per UNet call: a CPU's time follows batch elements (no gain), a GPU's does not
-        self.inversion_batch = 4 if self.models.device.type == "cuda" else 1
+        # Sources inverted per UNet call. On a GPU a batch-1 call is launch-bound, so 4 cost little more
+        # than 1; but which sources share a batch then depends on the run (a resumed run batches
+        # others), and float rounding with it: 1, the default, keeps outputs byte-reproducible.
+        self.inversion_batch = cfg.inversion_batch
         if self.models.device.type == "cuda":
             # shapes are fixed per resolution: let cuDNN pick its fastest convolution once per shape
             torch.backends.cudnn.benchmark = True

@@ -43,6 +43,7 @@ def test_generation_timesteps_match_sd():
         ("dtype=float8", "dtype='float8' is not one of"),
         ("guidance_scale=abc", "must be a number"),
         ("steps", "must be KEY=VALUE"),
+        ("inversion_batch=0", "inversion_batch=0 must be a whole number from 1 to 64"),
     ],
 )
 def test_bad_config_is_an_error_with_a_message(override, message):
