@@ -11,7 +11,7 @@ PY="${PYTHON:-python}"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >> "$OUT/nvidia-smi.txt"
 head -15 "$OUT/nvidia-smi.txt"
 
-# No network there: a wheelhouse carried in .devcarry/wheels (pip download --python-version 3.12 ...)
+# No network there: a wheelhouse carried in .devcarry/wheels (made by tools/gpu_wheels.sh)
 # is installed offline first when present.
 if [ -d .devcarry/wheels ]; then
   "$PY" -m pip install -q --no-index --no-deps .devcarry/wheels/*.whl > "$OUT/pip.txt" 2>&1 \
