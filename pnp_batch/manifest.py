@@ -154,51 +154,37 @@ class Manifest:
     def batches(self, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
         """Stream record batches (optionally only some columns) over all files in order."""
         cols = [c for c in (columns or self.columns) if c in self.schema.names]
+        read = {"parquet": self._parquet_batches, "csv": self._csv_batches}.get(self.kind, self._json_batches)
         for f in self.files:
-            if self.kind == "parquet":
-                yield from self._parquet_batches(f, cols, batch_rows)
-            elif self.kind == "csv":
-                yield from self._csv_batches(f, cols, batch_rows)
-            else:
-                yield from self._json_batches(f, cols, batch_rows)
+            try:
+                yield from read(f, cols, batch_rows)
+            except (OSError, pa.ArrowException) as e:
+                raise ManifestError(storage.redact(f"cannot read manifest file {f}: {e}")) from None
 
     def _parquet_batches(self, uri: str, cols: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
-        try:
-            with storage.open_input(uri) as fh:
-                pf = pq.ParquetFile(fh)
-                yield from pf.iter_batches(batch_size=batch_rows, columns=cols)
-        except (OSError, pa.ArrowException) as e:
-            raise ManifestError(storage.redact(f"cannot read manifest file {uri}: {e}")) from None
+        with storage.open_input(uri) as fh:
+            yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=cols)
 
     def _csv_batches(self, uri: str, cols: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
-        try:
-            with storage.open_input(uri) as fh:
-                reader = pacsv.open_csv(
-                    fh,
-                    read_options=pacsv.ReadOptions(block_size=1 << 22),
-                    parse_options=_csv_parse_options(uri),
-                    convert_options=_csv_convert_options(cols),
-                )
-                for batch in reader:
-                    yield from _rebatch(batch, batch_rows)
-        except (OSError, pa.ArrowException) as e:
-            raise ManifestError(storage.redact(f"cannot read manifest file {uri}: {e}")) from None
+        with storage.open_input(uri) as fh:
+            reader = pacsv.open_csv(
+                fh,
+                read_options=pacsv.ReadOptions(block_size=1 << 22),
+                parse_options=_csv_parse_options(uri),
+                convert_options=_csv_convert_options(cols),
+            )
+            for batch in reader:
+                yield from _rebatch(batch, batch_rows)
 
     def _json_batches(self, uri: str, cols: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
-        try:
-            with storage.open_input(uri) as fh:
-                reader = pajson.open_json(
-                    fh,
-                    read_options=pajson.ReadOptions(block_size=1 << 22),
-                    parse_options=pajson.ParseOptions(
-                        explicit_schema=self.schema, unexpected_field_behavior="ignore"
-                    ),
-                )
-                for batch in reader:
-                    batch = batch.select(cols)
-                    yield from _rebatch(batch, batch_rows)
-        except (OSError, pa.ArrowException) as e:
-            raise ManifestError(storage.redact(f"cannot read manifest file {uri}: {e}")) from None
+        with storage.open_input(uri) as fh:
+            reader = pajson.open_json(
+                fh,
+                read_options=pajson.ReadOptions(block_size=1 << 22),
+                parse_options=pajson.ParseOptions(explicit_schema=self.schema, unexpected_field_behavior="ignore"),
+            )
+            for batch in reader:
+                yield from _rebatch(batch.select(cols), batch_rows)
 
     def iter_rows(self, limit: int | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[Row]:
         """Stream :class:`Row` objects (at most ``limit``), batch by batch."""

@@ -140,11 +140,6 @@ class Translator:
         imgs = self.models.vae.decode(((1 / sf) * latents).to(self.models.dtype)).sample
         return to_uint8(imgs, self.cfg.quantize)
 
-    def invert(self, image_rgb, inversion_prompt: str, on_step: Callable | None = None) -> torch.Tensor:
-        """(steps, 1, 4, h, w) latents at the generation timesteps, noisiest first."""
-        img = resize_source(image_rgb, self.cfg.resolution, self.cfg.resize_mode)
-        return self._invert_batch(self.encode(img), inversion_prompt, on_step)
-
     def _invert_batch(self, z0: torch.Tensor, inversion_prompt: str, on_step: Callable | None = None) -> torch.Tensor:
         """(steps, B, 4, h, w) for B clean latents of one size."""
         res = ddim_invert(
@@ -167,13 +162,6 @@ class Translator:
         if self.cfg.inversion_prompt:
             key = hashlib.sha256(f"{key}|{inversion_prompt}".encode()).hexdigest()[:32]
         return key
-
-    def source_features(self, data: bytes, inversion_prompt: str) -> tuple[torch.Tensor, str, bool, float]:
-        """Inverted latents for the image bytes: from the feature store, or inverted and stored."""
-        out = self.source_features_many([(data, inversion_prompt)])[0]
-        if isinstance(out, Exception):
-            raise out
-        return out
 
     def source_features_many(
         self, sources: list[tuple[bytes, str]]

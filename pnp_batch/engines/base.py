@@ -126,7 +126,12 @@ def plan(req: RunRequest) -> tuple[Manifest, dict[str, str], Plan]:
     done = {} if req.overwrite else load_latest(req.out)
     if done:
         _warn_other_config(req)
-    todo = sum(1 for _ in todo_rows(manifest, done, req))
+    # counted from the id column alone (no image bytes, prompts or overrides decoded)
+    todo = sum(
+        1
+        for index, row_id in manifest.iter_ids()
+        if (req.limit is None or index < req.limit) and (req.overwrite or done.get(row_id) != "ok")
+    )
     return manifest, done, Plan(total=total, done_before=total - todo, todo=todo)
 
 

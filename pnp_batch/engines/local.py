@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, replace
 from typing import Any
 
 from pnp_batch import storage
@@ -22,8 +23,6 @@ def prefetch(row: Row) -> Row:
         data = storage.read_bytes(row.image)
     except Exception:  # noqa: BLE001 - the translator reads again and records the error
         return row
-    from dataclasses import replace
-
     return replace(row, image_bytes=data)
 
 
@@ -71,8 +70,6 @@ class LocalBackend:
     def stats(self) -> dict[str, Any]:
         if self.translator is None:
             return {}
-        from dataclasses import asdict
-
         return {"unet": asdict(self.translator.counters), "device": str(self.translator.models.device),
                 "dtype": str(self.translator.models.dtype), "model": self.translator.models.fingerprint}
 

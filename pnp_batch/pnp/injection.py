@@ -48,9 +48,6 @@ class PnPController:
     has_source: bool = True
     record: bool = False
     recorded: dict[str, torch.Tensor] = field(default_factory=dict)
-    calls: int = 0
-    injected: dict[str, int] = field(default_factory=dict)
-    count_injections: bool = False
 
     def set_call(self, conv_rows: Rows, attn_rows: Rows, has_source: bool, record: bool) -> None:
         """Arm the controller for the next UNet call."""
@@ -80,9 +77,6 @@ class PnPController:
             t[rows] = src
         else:
             t.index_copy_(0, rows, src.expand(rows.shape[0], *src.shape[1:]).contiguous())
-        if self.count_injections:
-            n = (len(range(*rows.indices(t.shape[0]))) if isinstance(rows, slice) else int(rows.numel()))
-            self.injected[name] = self.injected.get(name, 0) + n
         return t
 
 

@@ -14,7 +14,7 @@ its output is never used, so this changes nothing but the cost.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -54,11 +54,6 @@ class _Call:
     emb: torch.Tensor  # (batch, 77, D) conditioning for this call
 
 
-@dataclass
-class _Plan:
-    calls: list[list[_Call]] = field(default_factory=list)  # per step
-
-
 def blend_alphas(schedule: str, alpha: float, steps: int) -> tuple[float, ...]:
     """The authors' original negative-prompt blend schedule: linear, constant or exp, times alpha."""
     if schedule == "linear":
@@ -86,8 +81,8 @@ def _rows(mask: list[bool], offset: int, device: torch.device, cache: dict) -> s
 
 def _plan(
     targets: list[Target], uncond: torch.Tensor, steps: int, max_batch: int, device: torch.device, blend: bool
-) -> tuple[_Plan, torch.Tensor]:
-    """Every UNet call of every step, decided before the loop."""
+) -> list[list[_Call]]:
+    """Every UNet call of every step (one list per step), decided before the loop."""
     k = len(targets)
     kinds = 3 if blend else 2
     # element e -> (kind, target); kind 0 = uncond (blend only), then negative, then cond.
@@ -99,7 +94,7 @@ def _plan(
     all_emb = torch.stack(embs)
     idx_cache: dict = {}
     emb_cache: dict = {}
-    plan = _Plan()
+    plan: list[list[_Call]] = []
     for i in range(steps):
         inject_f = [i < targets[owner[e]].f_steps for e in range(len(owner))]
         inject_a = [i < targets[owner[e]].attn_steps for e in range(len(owner))]
@@ -134,8 +129,8 @@ def _plan(
             )
             first = False
             start = stop
-        plan.calls.append(calls)
-    return plan, all_emb
+        plan.append(calls)
+    return plan
 
 
 @torch.no_grad()
@@ -173,7 +168,7 @@ def pnp_sample(
     timesteps = [int(t) for t in sched.timesteps.tolist()]
 
     # 2. plan
-    plan, _ = _plan(targets, uncond.to(dtype), steps, max_batch, device, blend)
+    plan = _plan(targets, uncond.to(dtype), steps, max_batch, device, blend)
     g = torch.tensor([t.guidance_scale for t in targets], device=device, dtype=torch.float32).view(k, 1, 1, 1)
     alphas = (
         torch.tensor([t.blend_alphas for t in targets], device=device, dtype=torch.float32).T.reshape(steps, k, 1, 1, 1)
@@ -183,14 +178,15 @@ def pnp_sample(
     controller = injector.controller if injector is not None else None
     x = source_latents[0].float().expand(k, *source_latents.shape[2:]).clone()
     kinds = 3 if blend else 2
-    out = torch.empty((kinds * k, *x.shape[1:]), device=device, dtype=torch.float32)
+    buffer = torch.empty((kinds * k, *x.shape[1:]), device=device, dtype=torch.float32)
     calls = elements = src_elements = 0
 
     # 3. denoise
     try:
         for i, t in enumerate(timesteps):
             x_elems = x.repeat(kinds, 1, 1, 1)
-            for call in plan.calls[i]:
+            out = buffer
+            for call in plan[i]:
                 xin = x_elems.index_select(0, call.elements) if call.n < len(x_elems) else x_elems
                 if call.has_source:
                     xin = torch.cat([source_latents[i].float(), xin])
@@ -203,7 +199,7 @@ def pnp_sample(
                 if call.n < len(x_elems):
                     out.index_copy_(0, call.elements, pred)
                 else:
-                    out.copy_(pred)
+                    out = pred  # one call covered every element: no copy
                 calls += 1
                 elements += call.n + (1 if call.has_source else 0)
             # Guidance is linear, so it applies to the model's raw output (eps or v) and
