@@ -297,7 +297,7 @@ def floor_sample(unet, scheduler_config, sizes: list[int], steps: int, k: int, u
     the source branch; here the extra element is one more (discarded) evaluation of x with the empty
     prompt, so every step costs what the default's did, minus the injection itself.
     """
-    from pnp_batch.pnp.inversion import make_scheduler
+    from pnp_batch.pnp.inversion import device_timesteps, make_scheduler
 
     if len(sizes) != steps:
         raise RuntimeError(f"the default path made {len(sizes)} sampling calls for {steps} steps; expected one per step")
@@ -307,12 +307,14 @@ def floor_sample(unet, scheduler_config, sizes: list[int], steps: int, k: int, u
     x = (torch.randn((k, *shape), generator=gen) * sched.init_noise_sigma).to(device)
     emb_plain = torch.cat([neg, cond]).to(dtype)
     emb_extra = torch.cat([uncond, emb_plain])
-    for i, t in enumerate(int(t) for t in sched.timesteps.tolist()):
+    timesteps = [int(t) for t in sched.timesteps.tolist()]
+    ts = device_timesteps(timesteps, device)  # as the default path does: no host-device copy per call
+    for i, t in enumerate(timesteps):
         extra = sizes[i] - 2 * k
         xin = x.repeat(2, 1, 1, 1)
         if extra:
             xin = torch.cat([x[:1], xin])
-        pred = unet(xin.to(dtype), t, encoder_hidden_states=emb_extra if extra else emb_plain).sample.float()
+        pred = unet(xin.to(dtype), ts[i], encoder_hidden_states=emb_extra if extra else emb_plain).sample.float()
         e_neg, e_cond = pred[extra:].chunk(2)
         x = sched.step(e_neg + guidance * (e_cond - e_neg), t, x).prev_sample
     return x

@@ -46,3 +46,50 @@ def test_cuda_fp32_matches_cpu_and_fp16_runs(tmp_path, tiny_model_dir):
         assert a.shape == b.shape == h.shape == (128, 192, 3)
         assert np.abs(a - b).mean() < 2.0  # cuDNN may use TF32 convolutions: small rounding only
         assert np.abs(a - h).mean() < 8.0  # fp16 through 10 steps of a random model
+
+
+def _sync_warnings(fn) -> int:
+    """How many host-device synchronisations fn makes (torch's sync debug mode, one warning each)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@cuda
+def test_no_host_device_sync_per_step(tiny_model_dir):
+    """The number of synchronisations of inversion and sampling does not grow with the step count:
+    set-up may copy to the device once, the loop never waits for it."""
+    from pnp_batch.config import generation_timesteps, load_config
+    from pnp_batch.models import load_models
+    from pnp_batch.pnp.injection import PnPInjector
+    from pnp_batch.pnp.inversion import ddim_invert
+    from pnp_batch.pnp.sampler import Target, pnp_sample
+
+    m = load_models(load_config("tiny", {"model": str(tiny_model_dir), "device": "cuda", "dtype": "float16"}))
+    tok = m.tokenizer
+    ids = tok(["", "a fox", "a cat"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        emb = m.text_encoder(ids.input_ids.to("cuda"))[0]
+    z0 = torch.randn(1, 4, 16, 16, device="cuda")
+    injector = PnPInjector(m.unet)
+    counts = {}
+    for steps in (5, 20):
+        keep = generation_timesteps(steps)
+        inv = ddim_invert(m.unet, m.scheduler_config, z0, emb[:1], steps, keep)  # warm (first-call set-up)
+        targets = [Target(emb[j], emb[0], 7.5, int(0.8 * steps), int(0.5 * steps)) for j in (1, 2)]
+        pnp_sample(m.unet, injector, m.scheduler_config, inv.latents, emb[:1], targets, steps, 3)
+        counts[steps] = (
+            _sync_warnings(lambda: ddim_invert(m.unet, m.scheduler_config, z0, emb[:1], steps, keep)),
+            _sync_warnings(lambda: pnp_sample(m.unet, injector, m.scheduler_config, inv.latents, emb[:1], targets,
+                                              steps, 3)),
+        )
+    injector.remove()
+    assert counts[5] == counts[20], counts

@@ -27,6 +27,17 @@ def make_scheduler(scheduler_config: dict, steps: int):
     return sched
 
 
+def device_timesteps(timesteps: list[int], device: torch.device) -> torch.Tensor:
+    """The timesteps as one int64 tensor on the model's device, made once before a loop.
+
+    diffusers' UNet turns a Python int timestep into a device tensor on every call, a blocking
+    host-to-device copy that stalls the host until the GPU has drained its queue. Passing `ts[i]`
+    (a view, no copy) lets the host queue the next call's kernels while the GPU runs this one.
+    int64 is the dtype diffusers itself would make, so results are unchanged.
+    """
+    return torch.tensor(timesteps, dtype=torch.int64, device=device)
+
+
 def eps_from_output(out: torch.Tensor, x: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """The model's noise estimate, whatever it predicts (epsilon or v)."""
     if prediction_type == "epsilon":
@@ -69,12 +80,13 @@ def ddim_invert(
     batch = x.shape[0]
     cond = cond.expand(batch, *cond.shape[1:]) if cond.shape[0] == 1 else cond
     model_dtype = unet.dtype
+    ts = device_timesteps(ascending, x.device)
     for i, t in enumerate(ascending):
         a_t = alphas[t]
         a_prev = alphas[ascending[i - 1]] if i > 0 else sched.final_alpha_cumprod
         mu, mu_prev = a_t**0.5, a_prev**0.5
         sigma, sigma_prev = (1 - a_t) ** 0.5, (1 - a_prev) ** 0.5
-        out = unet(x.to(model_dtype), t, encoder_hidden_states=cond).sample.float()
+        out = unet(x.to(model_dtype), ts[i], encoder_hidden_states=cond).sample.float()
         eps = eps_from_output(out, x, a_t, prediction_type)
         pred_x0 = (x - sigma_prev * eps) / mu_prev
         x = mu * pred_x0 + sigma * eps
@@ -94,7 +106,9 @@ def ddim_reconstruct(
     sched = make_scheduler(scheduler_config, steps)
     x = x.float()
     cond = cond.expand(x.shape[0], *cond.shape[1:]) if cond.shape[0] == 1 else cond
-    for t in sched.timesteps.tolist():
-        out = unet(x.to(unet.dtype), int(t), encoder_hidden_states=cond).sample.float()
-        x = sched.step(out, int(t), x).prev_sample
+    timesteps = [int(t) for t in sched.timesteps.tolist()]
+    ts = device_timesteps(timesteps, x.device)
+    for i, t in enumerate(timesteps):
+        out = unet(x.to(unet.dtype), ts[i], encoder_hidden_states=cond).sample.float()
+        x = sched.step(out, t, x).prev_sample
     return x

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pnp_batch.pnp.injection import PnPInjector
-from pnp_batch.pnp.inversion import make_scheduler
+from pnp_batch.pnp.inversion import device_timesteps, make_scheduler
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,7 @@ def pnp_sample(
         targets = [Target(t.cond, t.negative, t.guidance_scale, 0, 0, t.blend_alphas) for t in targets]
     sched = make_scheduler(scheduler_config, steps)
     timesteps = [int(t) for t in sched.timesteps.tolist()]
+    ts = device_timesteps(timesteps, device)  # the UNet gets ts[i]: no host-device copy per call
 
     # 2. plan
     plan = _plan(targets, uncond.to(dtype), steps, max_batch, device, blend)
@@ -192,7 +193,7 @@ def pnp_sample(
                     xin = torch.cat([source_latents[i].float(), xin])
                 if controller is not None:
                     controller.set_call(call.conv_rows, call.attn_rows, call.has_source, call.record)
-                pred = unet(xin.to(dtype), t, encoder_hidden_states=call.emb).sample.float()
+                pred = unet(xin.to(dtype), ts[i], encoder_hidden_states=call.emb).sample.float()
                 if call.has_source:
                     pred = pred[1:]
                     src_elements += 1
