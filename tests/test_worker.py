@@ -36,9 +36,9 @@ def test_same_size_sources_share_inversion_calls(tmp_path, tiny_models):
     try:
         a = one.source_features_many(sources)
         b = many.source_features_many(sources)
-    finally:
-        one.injector.remove()
+    finally:  # last installed, first removed: each gives back the processors it found
         many.injector.remove()
+        one.injector.remove()
     assert isinstance(a[3], Exception) and isinstance(b[3], Exception)  # the bad source fails alone
     assert one.counters.invert_calls == 3 * STEPS and one.counters.invert_elements == 3 * STEPS
     # the two 64x64 sources share one UNet call per step; the 96x64 one has its own
