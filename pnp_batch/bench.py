@@ -341,6 +341,7 @@ class Bench:
         from pnp_batch.archs import build_random_models
         from pnp_batch.config import PipelineConfig
         from pnp_batch.models import resolve_dtype
+        from pnp_batch.pnp.graphs import base_unet
         from pnp_batch.worker import Translator
 
         s = self.s
@@ -356,12 +357,13 @@ class Bench:
             steps=s["steps"], inversion_steps=s["steps"], batch_size=max(3, 2 * max(s["k"]) + 1),
             compile=bool(self.args.compile), channels_last=bool(getattr(self.args, "channels_last", False)),
             inversion_batch=int(getattr(self.args, "inversion_batch", None) or 1),
+            cuda_graphs=bool(getattr(self.args, "cuda_graphs", False)),
             name=f"bench-{self.args.arch}",
         )
         self.tmp = tmp
         self.tr = Translator(self.cfg, out_uri=tmp, models=self.models)
-        self.unet = self.models.unet  # compiled when --compile
-        self.base_unet = getattr(self.unet, "_orig_mod", self.unet)
+        self.unet = self.models.unet  # compiled when --compile, a GraphedUNet with --cuda-graphs (on CUDA)
+        self.base_unet = base_unet(self.unet)
         self.counter = UNetCounter(self.unet)
         self.encode = _Timed(self.tr.encode, self.clock)
         self.decode = _Timed(self.tr.decode, self.clock)
@@ -445,12 +447,16 @@ class Bench:
     def run_floor(self, k: int, sizes_per_source: list[list[int]]) -> PathStats:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
+        from pnp_batch.pnp.graphs import GraphedUNet
         from pnp_batch.pnp.injection import PnPInjector
 
         st = PathStats()
         saved = dict(self.base_unet.attn_processors)
         self.tr.injector.remove()
         self.base_unet.set_attn_processor(AttnProcessor2_0())
+        graphed = isinstance(self.unet, GraphedUNet)
+        if graphed:  # graphs recorded the PnP processors: record the stock ones afresh
+            self.unet.reset(None)
         try:
             uncond = self.tr.embed([""])
             neg = self.tr.embed([self.cfg.negative_prompt] * k)
@@ -477,6 +483,8 @@ class Bench:
             # Back to PnP: stock processors swapped out again and a fresh injector (processors + hook).
             self.base_unet.set_attn_processor(saved)
             self.tr.injector = PnPInjector(self.base_unet)
+            if graphed:
+                self.unet.reset(self.tr.injector.controller)
         return st
 
     # -- (b) -----------------------------------------------------------------------------------
@@ -651,7 +659,8 @@ def format_table(out: dict[str, Any]) -> str:
         (
             f"pnp-batch bench: arch={cfg['arch']} device={out['device']} dtype={cfg['dtype']} "
             f"resolution={cfg['resolution']} steps={cfg['steps']} reference_inversion_steps="
-            f"{cfg['reference_inversion_steps']} sources={cfg['sources']} K={cfg['k']} compile={cfg['compile']}"
+            f"{cfg['reference_inversion_steps']} sources={cfg['sources']} K={cfg['k']} compile={cfg['compile']} "
+            f"inversion_batch={cfg.get('inversion_batch', 1)} cuda_graphs={cfg.get('cuda_graphs')}"
         ),
         f"  {cfg['threads']}; peak memory: {cfg['peak_memory_kind']}",
     ]
@@ -736,6 +745,7 @@ def run_bench(args) -> int:
             "compile": bool(args.compile),
             "channels_last": bool(getattr(args, "channels_last", False)),
             "inversion_batch": int(getattr(args, "inversion_batch", None) or 1),
+            "cuda_graphs": _graph_use(b.unet),
             "guidance_scale": b.cfg.guidance_scale,
             "pnp_f_t": b.cfg.pnp_f_t,
             "pnp_attn_t": b.cfg.pnp_attn_t,
@@ -770,6 +780,16 @@ def run_bench(args) -> int:
         else:
             print("bench: --data: pnp_batch.bench_data is not available")
     return 0
+
+
+def _graph_use(unet) -> dict[str, Any] | bool:
+    """With --cuda-graphs on CUDA: graphs recorded, calls replayed and calls run eagerly (and why)."""
+    from pnp_batch.pnp.graphs import GraphedUNet
+
+    if not isinstance(unet, GraphedUNet):
+        return False
+    return {"graphs": len(unet.graphs), "replays": unet.replays, "eager_calls": unet.eager_calls,
+            "capture_failed": unet.failed}
 
 
 def _fresh_store(b: Bench, name: str):

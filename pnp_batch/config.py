@@ -60,6 +60,7 @@ class PipelineConfig:
     max_pixels: int = 64_000_000
     compile: bool = False
     channels_last: bool = False
+    cuda_graphs: bool = False
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -71,7 +72,8 @@ class PipelineConfig:
     def hash(self) -> str:
         """A short stable hash of every setting that changes the output image."""
         d = self.to_dict()
-        for k in ("name", "device", "batch_size", "inversion_batch", "compile", "channels_last", "max_pixels"):
+        for k in ("name", "device", "batch_size", "inversion_batch", "compile", "channels_last", "cuda_graphs",
+                  "max_pixels"):
             d.pop(k, None)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -146,6 +148,8 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"batch_size={cfg.batch_size!r} must be 'auto' or a whole number >= 3 (UNet batch elements)")
     if not isinstance(cfg.inversion_batch, int) or not 1 <= cfg.inversion_batch <= 64:
         raise ConfigError(f"inversion_batch={cfg.inversion_batch!r} must be a whole number from 1 to 64")
+    if cfg.compile and cfg.cuda_graphs:
+        raise ConfigError("compile and cuda_graphs are alternatives: set one of them")
     if not isinstance(cfg.max_pixels, int) or cfg.max_pixels < 1:
         raise ConfigError(f"max_pixels={cfg.max_pixels!r} must be a positive whole number")
     if not isinstance(cfg.seed, int):

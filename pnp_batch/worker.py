@@ -20,6 +20,7 @@ from pnp_batch.errors import RowError
 from pnp_batch.features import FeatureStore, feature_key
 from pnp_batch.images import decode_image, encode_image, resize_source
 from pnp_batch.models import TEST_MODEL_NOTE, Models, load_models
+from pnp_batch.pnp.graphs import GraphedUNet
 from pnp_batch.pnp.injection import PnPInjector
 from pnp_batch.pnp.inversion import ddim_invert
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
@@ -87,6 +88,11 @@ class Translator:
                 self.models.unet.to(memory_format=torch.channels_last)
         if cfg.compile:
             self.models.unet = torch.compile(self.models.unet)
+        if cfg.cuda_graphs:
+            if self.models.device.type == "cuda":
+                self.models.unet = GraphedUNet(self.models.unet, self.injector.controller)
+            else:
+                log.info("cuda_graphs applies to CUDA devices only; the UNet on %s runs eagerly", self.models.device)
 
     # -- text ------------------------------------------------------------------------------
     def embed(self, prompts: list[str]) -> torch.Tensor:

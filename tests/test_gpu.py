@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from functools import partial
 
 import numpy as np
 import pytest
@@ -87,9 +88,42 @@ def test_no_host_device_sync_per_step(tiny_model_dir):
         targets = [Target(emb[j], emb[0], 7.5, int(0.8 * steps), int(0.5 * steps)) for j in (1, 2)]
         pnp_sample(m.unet, injector, m.scheduler_config, inv.latents, emb[:1], targets, steps, 3)
         counts[steps] = (
-            _sync_warnings(lambda: ddim_invert(m.unet, m.scheduler_config, z0, emb[:1], steps, keep)),
-            _sync_warnings(lambda: pnp_sample(m.unet, injector, m.scheduler_config, inv.latents, emb[:1], targets,
-                                              steps, 3)),
+            _sync_warnings(partial(ddim_invert, m.unet, m.scheduler_config, z0, emb[:1], steps, keep)),
+            _sync_warnings(partial(pnp_sample, m.unet, injector, m.scheduler_config, inv.latents, emb[:1], targets,
+                                   steps, 3)),
         )
     injector.remove()
     assert counts[5] == counts[20], counts
+
+
+@cuda
+def test_cuda_graphs_replay_the_eager_result(tmp_path, tiny_model_dir):
+    """cuda_graphs: the UNet calls are recorded once per shape and replayed; the images are the eager ones."""
+    from pnp_batch.config import load_config
+    from pnp_batch.pnp.graphs import GraphedUNet
+    from pnp_batch.worker import Translator
+
+    rng = np.random.default_rng(1)
+    pngs = []
+    for _ in range(2):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    prompts = ["a photo of a fox", "a watercolor painting", "a pencil sketch"]
+    images = {}
+    for graphs in (False, True):
+        cfg = load_config("tiny", {"model": str(tiny_model_dir), "device": "cuda", "dtype": "float16", "steps": 10,
+                                   "inversion_steps": 10, "resolution": 128, "cuda_graphs": graphs})
+        out = tmp_path / f"graphs-{graphs}"
+        tr = Translator(cfg, str(out), worker="test")
+        for src in range(2):  # a second source replays the first one's graphs
+            rows = [_row(pngs[src], p, 10 * src + i) for i, p in enumerate(prompts)]
+            assert [r["status"] for r in tr.process(rows)] == ["ok"] * 3
+        if graphs:
+            unet = tr.models.unet
+            assert isinstance(unet, GraphedUNet) and unet.failed is None, getattr(unet, "failed", None)
+            assert unet.eager_calls == 0 and unet.replays == 2 * (10 + 10) and len(unet.graphs) == 4
+        images[graphs] = [np.asarray(Image.open(out / "images" / f"r{10 * s + i}.png")).astype(int)
+                          for s in range(2) for i in range(3)]
+    for a, b in zip(images[False], images[True]):
+        assert np.abs(a - b).max() <= 1, np.abs(a - b).max()

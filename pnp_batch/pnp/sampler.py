@@ -67,16 +67,24 @@ def blend_alphas(schedule: str, alpha: float, steps: int) -> tuple[float, ...]:
     return tuple(float(v) for v in a * alpha)
 
 
-def _rows(mask: list[bool], offset: int, device: torch.device, cache: dict) -> slice | torch.Tensor | None:
+# Index tensors of injected rows, shared by every plan: the same rows are the same tensor object, so a
+# CUDA graph recorded with one (graphs.GraphedUNet keys on its identity) stays valid for later sources.
+_ROW_INDEX: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+
+
+def _rows(mask: list[bool], offset: int, device: torch.device) -> slice | torch.Tensor | None:
     """Rows (of a call's batch) selected by mask, as a slice when contiguous to the end, else an index."""
     if not any(mask):
         return None
     if all(mask):
         return slice(offset, None)
     idx = tuple(offset + j for j, m in enumerate(mask) if m)
-    if idx not in cache:
-        cache[idx] = torch.tensor(idx, device=device, dtype=torch.long)
-    return cache[idx]
+    key = (str(device), idx)
+    if key not in _ROW_INDEX:
+        if len(_ROW_INDEX) >= 4096:  # row patterns are few; bound it anyway (graphs keep their own alive)
+            _ROW_INDEX.clear()
+        _ROW_INDEX[key] = torch.tensor(idx, device=device, dtype=torch.long)
+    return _ROW_INDEX[key]
 
 
 def _plan(
@@ -92,7 +100,6 @@ def _plan(
         embs += [uncond[0]] * k
     embs += [t.negative for t in targets] + [t.cond for t in targets]
     all_emb = torch.stack(embs)
-    idx_cache: dict = {}
     emb_cache: dict = {}
     plan: list[list[_Call]] = []
     for i in range(steps):
@@ -122,8 +129,8 @@ def _plan(
                     n=len(sel),
                     has_source=has_source,
                     record=has_source and stop < len(owner),
-                    conv_rows=_rows([inject_f[e] for e in sel], offset, device, idx_cache) if need_source else None,
-                    attn_rows=_rows([inject_a[e] for e in sel], offset, device, idx_cache) if need_source else None,
+                    conv_rows=_rows([inject_f[e] for e in sel], offset, device) if need_source else None,
+                    attn_rows=_rows([inject_a[e] for e in sel], offset, device) if need_source else None,
                     emb=emb,
                 )
             )
