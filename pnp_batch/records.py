@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from datetime import datetime, timezone
 from typing import Any
 
@@ -47,3 +48,8 @@ def row_record(row: Row, cfg: PipelineConfig, status: str, model: str, worker: s
     for k, v in row.extra.items():
         rec.setdefault(k, v)
     return rec
+
+
+def resolve(records: list[dict[str, Any] | Future]) -> list[dict[str, Any]]:
+    """The records of one group, waiting for those whose images are still being written."""
+    return [r.result() if isinstance(r, Future) else r for r in records]

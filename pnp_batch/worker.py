@@ -8,7 +8,9 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,7 @@ from pnp_batch.pnp.graphs import GraphedUNet
 from pnp_batch.pnp.injection import PnPInjector
 from pnp_batch.pnp.inversion import ddim_invert
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
-from pnp_batch.records import row_record
+from pnp_batch.records import resolve, row_record
 from pnp_batch.rows import Row
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class Translator:
         self.counters = Counters()
         self.timesteps = generation_timesteps(cfg.steps)
         self._emb: dict[str, torch.Tensor] = {}
+        self._write_pool: ThreadPoolExecutor | None = None
         self.max_batch = self._max_batch()
         # Sources inverted per UNet call. On a GPU a batch-1 call is launch-bound, so 4 cost little more
         # than 1; but which sources share a batch then depends on the run (a resumed run batches
@@ -281,6 +284,12 @@ class Translator:
         last). A failure of a source (unreadable image) fails every row of its group; a failure
         in sampling fails the rows of that group only. Nothing raises except worker loss.
         """
+        return [resolve(records) for records in self.start_many(groups, attempt)]
+
+    def start_many(self, groups: list[list[Row]], attempt: int = 1) -> list[list[dict[str, Any] | Future]]:
+        """process_many, returning as soon as the GPU work is done: a translated row's record is a
+        Future that resolves once its image is written (threads encode and upload it). The caller
+        can start the next groups meanwhile, and must `resolve` the records before using them."""
         prepared: list[tuple[list[dict[str, Any]], list[Row], int | None]] = []
         sources: list[tuple[bytes, str]] = []
         for group in groups:
@@ -326,21 +335,37 @@ class Translator:
             msg = _row_message(e, first)
             log.exception("translation of %d rows from %s failed", len(rows), first.image or first.id)
             return [self._record(r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt) for r in rows]
-        records = []
+        records: list[dict[str, Any] | Future] = []
         for r, img, neg in zip(rows, images, negs):
-            try:
-                uri = output_uri(self.out, r.id, self.cfg.output_format)
-                storage.write_bytes_atomic(uri, encode_image(img, self.cfg.output_format))
-                records.append(
-                    self._record(
-                        r, "ok", output=uri, negative=neg, feature_key=key, cache_hit=hit, width=w, height=h,
-                        invert_seconds=t_inv if not hit else 0.0, translate_seconds=t_tr, attempt=attempt,
-                        warning=self.prompt_warning(r.target_prompt),
-                    )
-                )
-            except Exception as e:  # noqa: BLE001
-                records.append(self._record(r, "failed", error=_row_message(e, r), feature_key=key, attempt=attempt))
+            uri = output_uri(self.out, r.id, self.cfg.output_format)
+            ok = self._record(
+                r, "ok", output=uri, negative=neg, feature_key=key, cache_hit=hit, width=w, height=h,
+                invert_seconds=t_inv if not hit else 0.0, translate_seconds=t_tr, attempt=attempt,
+                warning=self.prompt_warning(r.target_prompt),
+            )
+            records.append(self._writer().submit(self._write_image, r, uri, img, ok))
         return records
+
+    def _write_image(self, r: Row, uri: str, img: np.ndarray, ok: dict[str, Any]) -> dict[str, Any]:
+        """Encode and write one image (in a writer thread); its ok record, or a failed one saying why."""
+        try:
+            storage.write_bytes_atomic(uri, encode_image(img, self.cfg.output_format))
+        except Exception as e:  # noqa: BLE001 - this row fails; the others go on
+            return self._record(r, "failed", error=_row_message(e, r), feature_key=ok["feature_key"],
+                                attempt=ok["attempt"])
+        return {**ok, "finished_at": datetime.now(timezone.utc)}
+
+    def _writer(self) -> ThreadPoolExecutor:
+        if self._write_pool is None:
+            # PNG/WebP encoding and uploads release the GIL: a few threads keep up with a GPU
+            self._write_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="write")
+        return self._write_pool
+
+    def close(self) -> None:
+        """Wait for images still being written and stop the writer threads."""
+        if self._write_pool is not None:
+            self._write_pool.shutdown(wait=True)
+            self._write_pool = None
 
     def _record(self, r: Row, status: str, error: str | None = None, output: str | None = None,
                 negative: str | None = None, feature_key: str | None = None, cache_hit: bool | None = None,

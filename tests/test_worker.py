@@ -66,3 +66,66 @@ def test_process_many_returns_one_record_list_per_group(tmp_path, tiny_models):
     assert [r["status"] for r in out[0]] == ["ok", "ok"] and out[1][0]["status"] == "failed"
     assert "not an image" in out[1][0]["error"] and out[2][0]["error"] == "empty"
     assert (tmp_path / "pm" / "images" / "r0.png").is_file()
+
+
+def test_start_many_returns_before_images_are_written(tmp_path, tiny_models, monkeypatch):
+    """The GPU work is done when start_many returns; encoding and writing go on in threads, and a
+    record says ok only once its image is written (a failed write fails that row alone)."""
+    import threading
+    from concurrent.futures import Future
+
+    from pnp_batch import worker
+    from pnp_batch.records import resolve
+
+    go = threading.Event()
+    real = worker.storage.write_bytes_atomic
+
+    def gated_write(uri: str, data: bytes) -> None:
+        if "/images/" not in uri:  # the feature store writes through here too, synchronously
+            return real(uri, data)
+        assert go.wait(60), "the test never released the writes"
+        if uri.endswith("r1.png"):
+            raise OSError("disk full")
+        real(uri, data)
+
+    monkeypatch.setattr(worker.storage, "write_bytes_atomic", gated_write)
+    tr = _translator(tmp_path, tiny_models, "async", 1)
+    rows = [Row(index=i, id=f"r{i}", image=None, image_bytes=_png(5, (64, 64)), source_prompt="", target_prompt=p)
+            for i, p in enumerate(["a fox", "a dog"])]
+    try:
+        started = tr.start_many([rows])
+        assert all(isinstance(r, Future) and not r.done() for r in started[0])
+        assert not (tmp_path / "async" / "images" / "r0.png").exists()
+        go.set()
+        recs = resolve(started[0])
+    finally:
+        tr.close()
+        tr.injector.remove()
+    assert [r["status"] for r in recs] == ["ok", "failed"]
+    assert (tmp_path / "async" / "images" / "r0.png").is_file() and "disk full" in recs[1]["error"]
+    assert recs[0]["output"].endswith("r0.png") and recs[0]["width"] == 64
+
+
+def test_local_engine_writes_one_window_while_the_next_is_on_the_gpu():
+    from concurrent.futures import Future
+
+    from pnp_batch.engines.local import LocalBackend
+
+    events: list[str] = []
+
+    class FakeTranslator:
+        inversion_batch = 1
+
+        def start_many(self, window):
+            events.append("start " + window[0][0].id)
+            fut: Future = Future()
+            fut.set_result({"id": window[0][0].id, "status": "ok"})
+            return [[fut]]
+
+    backend = LocalBackend()
+    backend.translator = FakeTranslator()
+    groups = [[Row(index=i, id=f"g{i}", image=None, image_bytes=b"x", source_prompt="", target_prompt="t")]
+              for i in range(3)]
+    for recs in backend.map_groups(iter(groups)):
+        events.append("yield " + recs[0]["id"])
+    assert events == ["start g0", "start g1", "yield g0", "start g2", "yield g1", "yield g2"]

@@ -11,6 +11,7 @@ from typing import Any
 from pnp_batch import storage
 from pnp_batch.engines.base import RunRequest
 from pnp_batch.manifest import Row
+from pnp_batch.records import resolve
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,18 @@ def _windows(groups: Iterator[list[Row]], size: int) -> Iterator[list[list[Row]]
         yield window
 
 
+def _read_ahead(windows: Iterator[list[list[Row]]], pool: ThreadPoolExecutor) -> Iterator[list[list[Row]]]:
+    """The windows with their sources read; the next one is read in `pool` while the caller works."""
+    pending: Future | None = None
+    for window in windows:
+        fut = pool.submit(_prefetch_window, window)
+        if pending is not None:
+            yield pending.result()
+        pending = fut
+    if pending is not None:
+        yield pending.result()
+
+
 class LocalBackend:
     name = "local"
 
@@ -54,18 +67,19 @@ class LocalBackend:
         self.translator = Translator(req.cfg, req.out, req.features_uri, worker="local")
 
     def map_groups(self, groups: Iterator[list[Row]]) -> Iterator[list[dict[str, Any]]]:
-        """Windows of `inversion_batch` groups (their inversions share UNet calls); the next window's
-        source bytes are read in a thread while this one samples."""
+        """Windows of `inversion_batch` groups (their inversions share UNet calls). While one window is
+        on the GPU, the next one's source bytes are read and the previous one's images are written
+        (threads); a window's records are yielded once its images are written."""
         size = self.translator.inversion_batch
+        writing: list | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-            pending: Future | None = None
-            for window in _windows(groups, size):
-                fut = pool.submit(_prefetch_window, window)
-                if pending is not None:
-                    yield from self.translator.process_many(pending.result())
-                pending = fut
-            if pending is not None:
-                yield from self.translator.process_many(pending.result())
+            for window in _read_ahead(_windows(groups, size), pool):
+                started = self.translator.start_many(window)
+                if writing is not None:
+                    yield from map(resolve, writing)
+                writing = started
+        if writing is not None:
+            yield from map(resolve, writing)
 
     def stats(self) -> dict[str, Any]:
         if self.translator is None:
@@ -74,4 +88,6 @@ class LocalBackend:
                 "dtype": str(self.translator.models.dtype), "model": self.translator.models.fingerprint}
 
     def stop(self) -> None:
+        if self.translator is not None:
+            self.translator.close()
         self.translator = None
