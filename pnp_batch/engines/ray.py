@@ -24,7 +24,7 @@ from pnp_batch.config import PipelineConfig
 from pnp_batch.engines.base import RunRequest
 from pnp_batch.errors import UsageError
 from pnp_batch.manifest import Row
-from pnp_batch.records import row_record
+from pnp_batch.records import resolve, row_record
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ ENV_VARS = (
 PIDFILE_ENV = "PNP_BATCH_TEST_PIDFILE"
 
 MAX_ATTEMPTS = 3  # attempts per group when its worker is lost
-IN_FLIGHT_PER_WORKER = 2  # one group sampling, the next one reading its source
+IN_FLIGHT_PER_WORKER = 2  # one group sampling, the other reading its source or writing its images
 CPUS_PER_WORKER = 0.5  # Ray's accounting, so a small machine never deadlocks; threads are set separately
 
 
@@ -50,8 +50,8 @@ def worker_env() -> dict[str, str]:
 class TranslatorWorker:
     """The body of a Ray actor: one Translator, loaded once in the constructor and kept.
 
-    Runs with ``max_concurrency=2``: the next group reads its source bytes while the current one
-    samples; the compute itself is serialised by a lock.
+    Runs with ``max_concurrency=2``: while one group samples, the other reads its source bytes
+    or writes its images; the compute itself is serialised by a lock.
     """
 
     def __init__(self, cfg: PipelineConfig, out: str, features: str, storage_options: dict[str, Any],
@@ -100,9 +100,10 @@ class TranslatorWorker:
             if first.image_bytes is not None:
                 rows = [first] + rows[1:]
         with self.lock:
-            records = self.translator.process(rows, attempt=attempt)
+            started = self.translator.start_many([rows], attempt=attempt)[0]
             counters = asdict(self.translator.counters)
-        return {"records": records, "counters": counters}
+        # The images are encoded and written outside the lock: the other group in flight samples meanwhile.
+        return {"records": resolve(started), "counters": counters}
 
     def process_counters(self) -> dict[str, int]:
         """This worker's UNet counters so far."""
