@@ -441,6 +441,9 @@ class Bench:
             st.seconds += t2 - t1
             st.images += k
             st.peak_memory_bytes = max(st.peak_memory_bytes, mem.peak)
+        t3 = self.clock()
+        self.tr.flush()  # feature writes still running behind the sampling are the cold path's cost
+        st.seconds += self.clock() - t3
         return st, sizes_per_source
 
     # -- (c) -----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -79,6 +79,8 @@ class Translator:
         self.timesteps = generation_timesteps(cfg.steps)
         self._emb: dict[str, torch.Tensor] = {}
         self._write_pool: ThreadPoolExecutor | None = None
+        self._feature_writes: dict[str, tuple[torch.Tensor, Future]] = {}  # key -> (latents, write)
+        self._prefetched: dict[str, tuple[torch.Tensor, dict]] = {}  # key -> features read ahead (prefetch)
         self.max_batch = self._max_batch()
         # Sources inverted per UNet call. On a GPU a batch-1 call is launch-bound, so 4 cost little more
         # than 1; but which sources share a batch then depends on the run (a resumed run batches
@@ -186,7 +188,11 @@ class Translator:
             try:
                 sha = hashlib.sha256(data).hexdigest()
                 key = self._key(sha, prompt)
-                hit = self.features.get(key)
+                writing = self._feature_writes.get(key)
+                if writing is not None:
+                    hit = (writing[0], None)
+                else:
+                    hit = self._prefetched.pop(key, None) or self.features.get(key)
                 if hit is not None:
                     self.counters.cache_hits += 1
                     results[i] = (hit[0].to(self.models.device), key, True, time.perf_counter() - t0)
@@ -212,9 +218,56 @@ class Translator:
                     meta = {"image_sha256": sha, "model": self.models.fingerprint, "dtype": str(self.models.dtype),
                             "inversion_prompt": prompt, "timesteps": self.timesteps, "width": size[0],
                             "height": size[1]}
-                    self.features.put(key, lat.cpu(), meta)
+                    self._store_features(key, lat, meta)
                     results[i] = (lat, key, False, (time.perf_counter() - t0) / len(chunk))
         return results
+
+    def _inversion_prompt(self, row: Row) -> str:
+        return self.cfg.inversion_prompt.replace("{source_prompt}", row.source_prompt)
+
+    def prefetch(self, group: list[Row]) -> list[Row]:
+        """Read ahead for a group, from any thread (I/O only, no CUDA call): its source bytes, put
+        in the row, and its stored features, kept until source_features_many asks for them. Errors
+        are left for the translation to meet and record."""
+        i = next((j for j, r in enumerate(group) if not r.error), None)
+        if i is None:
+            return group
+        row = group[i]
+        try:
+            data = row.image_bytes if row.image_bytes is not None else storage.read_bytes(row.image)
+        except Exception:  # noqa: BLE001 - read again (and recorded) by the translation
+            return group
+        try:
+            key = self._key(hashlib.sha256(data).hexdigest(), self._inversion_prompt(row))
+            if key not in self._feature_writes and key not in self._prefetched and len(self._prefetched) < 64:
+                hit = self.features.get(key)
+                if hit is not None:
+                    self._prefetched[key] = hit
+        except Exception as e:  # noqa: BLE001 - looked up again by the translation
+            log.debug("prefetching features: %s", type(e).__name__)
+        return [*group[:i], replace(row, image_bytes=data), *group[i + 1 :]]
+
+    def _store_features(self, key: str, lat: torch.Tensor, meta: dict[str, Any]) -> None:
+        """Write a source's features to the store in a writer thread (serialising, hashing and
+        uploading them need not hold up the GPU). Until written they are served from memory. The
+        copy to the host stays on this thread: no CUDA call from another thread can then disturb a
+        CUDA graph being recorded here. A failed write is logged; the source is inverted again the
+        next time it is needed."""
+        fut = self._writer().submit(self.features.put, key, lat.cpu(), meta)
+        self._feature_writes[key] = (lat, fut)
+        fut.add_done_callback(lambda f: self._feature_written(key, f))
+
+    def _feature_written(self, key: str, fut: Future) -> None:
+        self._feature_writes.pop(key, None)
+        e = fut.exception()
+        if e is not None:
+            log.warning("writing features %s to the store failed (%s); that source will be inverted again "
+                        "the next time it is needed", key, storage.redact(f"{type(e).__name__}: {e}")[:300])
+
+    def flush(self) -> None:
+        """Wait until every feature write started so far has finished."""
+        for _, fut in list(self._feature_writes.values()):
+            fut.exception()  # waits; a failure was logged by _feature_written
 
     # -- the group ---------------------------------------------------------------------------
     def _targets(self, rows: list[Row]) -> tuple[list[Target], list[str]]:
@@ -306,7 +359,7 @@ class Translator:
                 prepared.append((records, [], None))
                 continue
             prepared.append((records, rows, len(sources)))
-            sources.append((data, self.cfg.inversion_prompt.replace("{source_prompt}", first.source_prompt)))
+            sources.append((data, self._inversion_prompt(first)))
         feats = self.source_features_many(sources) if sources else []
         out = []
         for records, rows, idx in prepared:
@@ -362,7 +415,7 @@ class Translator:
         return self._write_pool
 
     def close(self) -> None:
-        """Wait for images still being written and stop the writer threads."""
+        """Wait for images and features still being written and stop the writer threads."""
         if self._write_pool is not None:
             self._write_pool.shutdown(wait=True)
             self._write_pool = None

@@ -116,6 +116,9 @@ def test_local_engine_writes_one_window_while_the_next_is_on_the_gpu():
     class FakeTranslator:
         inversion_batch = 1
 
+        def prefetch(self, group):
+            return group
+
         def start_many(self, window):
             events.append("start " + window[0][0].id)
             fut: Future = Future()
@@ -129,3 +132,75 @@ def test_local_engine_writes_one_window_while_the_next_is_on_the_gpu():
     for recs in backend.map_groups(iter(groups)):
         events.append("yield " + recs[0]["id"])
     assert events == ["start g0", "start g1", "yield g0", "start g2", "yield g1", "yield g2"]
+
+
+def test_feature_writes_run_behind_and_a_failed_one_fails_no_row(tmp_path, tiny_models, monkeypatch, caplog):
+    """Features are written to the store in a writer thread; until then a second request for the
+    same source is served from memory (no second inversion). A failed write is logged, the rows are
+    ok, and the next translator inverts that source again."""
+    import logging
+    import threading
+
+    go = threading.Event()
+    tr = _translator(tmp_path, tiny_models, "feat", 1)
+    real_put = tr.features.put
+    calls = []
+
+    def gated_put(key, latents, meta):
+        calls.append(key)
+        assert go.wait(60)
+        raise OSError("store unavailable")
+
+    monkeypatch.setattr(tr.features, "put", gated_put)
+    src = [(_png(9, (64, 64)), "")]
+    try:
+        first = tr.source_features_many(src)
+        second = tr.source_features_many(src)  # the write is still blocked: served from memory
+        assert not first[0][2] and second[0][2] and torch.equal(first[0][0], second[0][0])
+        assert tr.counters.inversions == 1 and tr.counters.invert_calls == STEPS and len(calls) == 1
+        with caplog.at_level(logging.WARNING, logger="pnp_batch.worker"):
+            go.set()
+            tr.flush()
+        assert any("inverted again" in r.message for r in caplog.records)
+        rows = [Row(index=0, id="f0", image=None, image_bytes=src[0][0], source_prompt="", target_prompt="a fox")]
+        assert tr.process_many([rows])[0][0]["status"] == "ok"  # the failed write failed no row
+        assert tr.counters.inversions == 2  # nothing was stored: inverted again
+        monkeypatch.setattr(tr.features, "put", real_put)
+        tr.process_many([rows])
+        tr.flush()
+    finally:
+        tr.close()
+        tr.injector.remove()
+    fresh = _translator(tmp_path, tiny_models, "feat", 1)
+    try:
+        assert fresh.source_features_many(src)[0][2]  # stored now: a hit from the store
+    finally:
+        fresh.injector.remove()
+
+
+def test_prefetch_reads_source_bytes_and_stored_features_ahead(tmp_path, tiny_models, monkeypatch):
+    png = _png(11, (64, 64))
+    (tmp_path / "src.png").write_bytes(png)
+    row = Row(index=0, id="p0", image=str(tmp_path / "src.png"), image_bytes=None, source_prompt="",
+              target_prompt="a fox")
+    tr = _translator(tmp_path, tiny_models, "pre", 1)
+    try:
+        cold = tr.prefetch([row])
+        assert cold[0].image_bytes == png and not tr._prefetched  # nothing stored yet
+        tr.process_many([cold])
+        tr.flush()
+        warm = tr.prefetch([row])
+        assert len(tr._prefetched) == 1
+
+        def store_gone(key):
+            raise AssertionError("the store was read again")
+
+        monkeypatch.setattr(tr.features, "get", store_gone)
+        feats = tr.source_features_many([(warm[0].image_bytes, "")])
+        assert feats[0][2] and not tr._prefetched  # a hit, served from the read-ahead, then dropped
+        bad = Row(index=1, id="p1", image=str(tmp_path / "missing.png"), image_bytes=None, source_prompt="",
+                  target_prompt="x")
+        assert tr.prefetch([bad]) == [bad]  # left for the translation to fail and record
+    finally:
+        tr.close()
+        tr.injector.remove()

@@ -93,17 +93,17 @@ class TranslatorWorker:
 
     def process(self, rows: list[Row], attempt: int) -> dict[str, Any]:
         """Translate one group; returns its records and this worker's counters so far."""
-        from pnp_batch.engines.local import prefetch
-
-        if rows and rows[0].image_bytes is None:
-            first = prefetch(rows[0])  # I/O outside the lock: overlaps the group sampling now
-            if first.image_bytes is not None:
-                rows = [first] + rows[1:]
+        rows = self.translator.prefetch(rows)  # I/O outside the lock: overlaps the group sampling now
         with self.lock:
             started = self.translator.start_many([rows], attempt=attempt)[0]
             counters = asdict(self.translator.counters)
         # The images are encoded and written outside the lock: the other group in flight samples meanwhile.
         return {"records": resolve(started), "counters": counters}
+
+    def close(self) -> None:
+        """Finish the writes still in flight (features: the last groups' images are already written)."""
+        if self.translator is not None:
+            self.translator.close()
 
     def process_counters(self) -> dict[str, int]:
         """This worker's UNet counters so far."""
@@ -410,6 +410,10 @@ class RayBackend:
     def stop(self) -> None:
         import ray
 
+        try:  # let live workers finish their feature-store writes (bounded: stopping must not hang)
+            ray.wait([s.handle.close.remote() for s in self.slots], num_returns=len(self.slots), timeout=120)
+        except Exception as e:  # noqa: BLE001 - lost workers: nothing to finish
+            log.debug("closing workers: %s", type(e).__name__)
         for slot in self.slots:
             try:
                 ray.kill(slot.handle, no_restart=True)
