@@ -358,6 +358,7 @@ class Bench:
             compile=bool(self.args.compile), channels_last=bool(getattr(self.args, "channels_last", False)),
             inversion_batch=int(getattr(self.args, "inversion_batch", None) or 1),
             cuda_graphs=bool(getattr(self.args, "cuda_graphs", False)),
+            cudnn_benchmark=bool(getattr(self.args, "cudnn_benchmark", False)),
             name=f"bench-{self.args.arch}",
         )
         self.tmp = tmp
@@ -663,7 +664,8 @@ def format_table(out: dict[str, Any]) -> str:
             f"pnp-batch bench: arch={cfg['arch']} device={out['device']} dtype={cfg['dtype']} "
             f"resolution={cfg['resolution']} steps={cfg['steps']} reference_inversion_steps="
             f"{cfg['reference_inversion_steps']} sources={cfg['sources']} K={cfg['k']} compile={cfg['compile']} "
-            f"inversion_batch={cfg.get('inversion_batch', 1)} cuda_graphs={cfg.get('cuda_graphs')}"
+            f"inversion_batch={cfg.get('inversion_batch', 1)} cuda_graphs={cfg.get('cuda_graphs')} "
+            f"cudnn_benchmark={cfg.get('cudnn_benchmark', False)}"
         ),
         f"  {cfg['threads']}; peak memory: {cfg['peak_memory_kind']}",
     ]
@@ -749,6 +751,7 @@ def run_bench(args) -> int:
             "channels_last": bool(getattr(args, "channels_last", False)),
             "inversion_batch": int(getattr(args, "inversion_batch", None) or 1),
             "cuda_graphs": _graph_use(b.unet),
+            "cudnn_benchmark": bool(getattr(args, "cudnn_benchmark", False)),
             "guidance_scale": b.cfg.guidance_scale,
             "pnp_f_t": b.cfg.pnp_f_t,
             "pnp_attn_t": b.cfg.pnp_attn_t,

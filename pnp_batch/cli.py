@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--channels-last", action="store_true", help="UNet in channels-last memory format (CUDA)")
     b.add_argument("--cuda-graphs", action="store_true",
                    help="replay UNet calls as CUDA graphs (pipeline key cuda_graphs; CUDA only)")
+    b.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its algorithms per shape (pipeline key cudnn_benchmark; CUDA)")
     b.add_argument("--inversion-batch", type=int, default=1, help="sources inverted per UNet call (pipeline key)")
     b.add_argument("--json", default=None, help="write the figures as JSON here")
     b.add_argument("--data", action="store_true", help="also run the data-plane benchmarks")

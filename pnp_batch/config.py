@@ -61,6 +61,7 @@ class PipelineConfig:
     compile: bool = False
     channels_last: bool = False
     cuda_graphs: bool = False
+    cudnn_benchmark: bool = False
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -73,7 +74,7 @@ class PipelineConfig:
         """A short stable hash of every setting that changes the output image."""
         d = self.to_dict()
         for k in ("name", "device", "batch_size", "inversion_batch", "compile", "channels_last", "cuda_graphs",
-                  "max_pixels"):
+                  "cudnn_benchmark", "max_pixels"):
             d.pop(k, None)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

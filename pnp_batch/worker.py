@@ -87,8 +87,12 @@ class Translator:
         # others), and float rounding with it: 1, the default, keeps outputs byte-reproducible.
         self.inversion_batch = cfg.inversion_batch
         if self.models.device.type == "cuda":
-            # shapes are fixed per resolution: let cuDNN pick its fastest convolution once per shape
-            torch.backends.cudnn.benchmark = True
+            # cudnn_benchmark: cuDNN times its convolution algorithms once per shape and keeps the
+            # fastest; near-ties can go either way in another process, and the output's last bits
+            # with them. Off (the default), its heuristics choose the same algorithms every time, so
+            # a resumed run or another worker on the same hardware writes the same bytes (CONTRACT).
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+            torch.backends.cudnn.deterministic = not cfg.cudnn_benchmark
             if cfg.channels_last:
                 self.models.unet.to(memory_format=torch.channels_last)
         if cfg.compile:

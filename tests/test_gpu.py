@@ -127,3 +127,34 @@ def test_cuda_graphs_replay_the_eager_result(tmp_path, tiny_model_dir):
                           for s in range(2) for i in range(3)]
     for a, b in zip(images[False], images[True]):
         assert np.abs(a - b).max() <= 1, np.abs(a - b).max()
+
+
+@cuda
+def test_two_processes_write_the_same_bytes(tmp_path, tiny_model_dir):
+    """CONTRACT: the same row, config and hardware give the same output bytes, also from another
+    process (a resumed run, another worker): cuDNN's algorithm choice must not vary between them."""
+    import subprocess
+    import sys
+    import textwrap
+
+    rng = np.random.default_rng(3)
+    src = tmp_path / "src.png"
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(src)
+    script = textwrap.dedent(f"""
+        import sys
+        from pnp_batch.config import load_config
+        from pnp_batch.rows import Row
+        from pnp_batch.worker import Translator
+        cfg = load_config("tiny", {{"model": {str(tiny_model_dir)!r}, "device": "cuda", "dtype": "float16",
+                                   "steps": 10, "inversion_steps": 10, "resolution": 128}})
+        tr = Translator(cfg, sys.argv[1], worker="p")
+        rows = [Row(index=i, id=f"r{{i}}", image={str(src)!r}, image_bytes=None, source_prompt="a photo",
+                    target_prompt=p) for i, p in enumerate(["a fox", "a watercolor painting"])]
+        assert [r["status"] for r in tr.process(rows)] == ["ok", "ok"]
+        tr.close()
+    """)
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True, timeout=300)
+    for i in range(2):
+        assert (outs[0] / "images" / f"r{i}.png").read_bytes() == (outs[1] / "images" / f"r{i}.png").read_bytes()

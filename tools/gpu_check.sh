@@ -30,7 +30,7 @@ fi
   || { echo "gpu_check: torch has no CUDA here"; exit 4; }
 
 # The GPU tests first (a minute): fp16/fp32 against the CPU, no host-device sync per step, CUDA graphs
-# replaying the eager images, the bench on cuda.
+# replaying the eager images, the same bytes from two processes, the bench on cuda.
 timeout 150 "$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_bench.py -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
 echo "gpu tests exit status $?"
 tail -5 "$OUT/gpu-tests.txt"
@@ -49,3 +49,7 @@ echo "bench (cuda_graphs) exit status ${PIPESTATUS[0]}"
 timeout 120 "${BENCH[@]}" --k 4 --sources 4 --reference-inversion-steps 100 --cuda-graphs --inversion-batch 4 \
   --json "$OUT/bench-graphs-ib4.json" 2>&1 | tee "$OUT/bench-graphs-ib4.txt"
 echo "bench (cuda_graphs, inversion_batch 4) exit status ${PIPESTATUS[0]}"
+# What the default cudnn_benchmark=false (same bytes in every process) costs against timing cuDNN's algorithms.
+timeout 120 "${BENCH[@]}" --k 4 --sources 4 --reference-inversion-steps 100 --cudnn-benchmark \
+  --json "$OUT/bench-cudnn-benchmark.json" 2>&1 | tee "$OUT/bench-cudnn-benchmark.txt"
+echo "bench (cudnn_benchmark) exit status ${PIPESTATUS[0]}"
