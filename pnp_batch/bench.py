@@ -455,12 +455,11 @@ class Bench:
         from pnp_batch.pnp.injection import PnPInjector
 
         st = PathStats()
-        saved = dict(self.base_unet.attn_processors)
-        self.tr.injector.remove()
+        self.tr.injector.remove()  # the PnP processors and the conv hook off
         self.base_unet.set_attn_processor(AttnProcessor2_0())
         graphed = isinstance(self.unet, GraphedUNet)
-        if graphed:  # graphs recorded the PnP processors: record the stock ones afresh
-            self.unet.reset(None)
+        if graphed:  # the graphs recorded with the PnP processors do not serve the stock ones
+            self.unet.use("stock", None)
         try:
             uncond = self.tr.embed([""])
             neg = self.tr.embed([self.cfg.negative_prompt] * k)
@@ -484,11 +483,10 @@ class Bench:
                 st.images += k
                 st.peak_memory_bytes = max(st.peak_memory_bytes, mem.peak)
         finally:
-            # Back to PnP: stock processors swapped out again and a fresh injector (processors + hook).
-            self.base_unet.set_attn_processor(saved)
+            # Back to PnP: a fresh injector (processors + hook).
             self.tr.injector = PnPInjector(self.base_unet)
-            if graphed:
-                self.unet.reset(self.tr.injector.controller)
+            if graphed:  # the same PnP computation again: its graphs serve, driven by the new controller
+                self.unet.use("pnp", self.tr.injector.controller)
         return st
 
     # -- (b) -----------------------------------------------------------------------------------
@@ -794,7 +792,7 @@ def _graph_use(unet) -> dict[str, Any] | bool:
 
     if not isinstance(unet, GraphedUNet):
         return False
-    return {"graphs": len(unet.graphs), "replays": unet.replays, "eager_calls": unet.eager_calls,
+    return {"graphs": unet.recorded, "replays": unet.replays, "eager_calls": unet.eager_calls,
             "capture_failed": unet.failed}
 
 

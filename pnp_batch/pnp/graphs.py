@@ -92,7 +92,8 @@ class GraphedUNet(torch.nn.Module):
         self.controller = controller
         self.backend = backend if backend is not None else CudaGraphBackend()
         self.max_graphs = max_graphs
-        self.graphs: dict[tuple, _Graph] = {}
+        self._sets: dict[str, dict[tuple, _Graph]] = {"pnp": {}}
+        self.graphs: dict[tuple, _Graph] = self._sets["pnp"]
         self.failed: str | None = None
         self.replays = 0
         self.eager_calls = 0
@@ -109,9 +110,17 @@ class GraphedUNet(torch.nn.Module):
     def config(self):
         return self.module.config
 
-    def reset(self, controller: PnPController | None = None) -> None:
-        """Forget every graph (after the UNet's processors or hooks changed) and follow `controller`."""
-        self.graphs.clear()
+    @property
+    def recorded(self) -> int:
+        """Graphs recorded and kept, over every processor set."""
+        return sum(map(len, self._sets.values()))
+
+    def use(self, processors: str, controller: PnPController | None) -> None:
+        """Switch to the graphs recorded with the attention processors named `processors` (the UNet's
+        processors were just swapped, e.g. to diffusers' stock ones and back), driven by `controller`.
+        A set's graphs stay valid while its processors compute the same: a replay reads only tensors
+        (weights, index rows, static inputs), never the processor or hook objects themselves."""
+        self.graphs = self._sets.setdefault(processors, {})
         self.controller = controller
 
     def _state(self) -> tuple | None:
@@ -146,8 +155,8 @@ class GraphedUNet(torch.nn.Module):
         return _Output(g.out.clone())  # the pool is reused by the next replay
 
     def _capture(self, key: tuple, sample: torch.Tensor, timestep: torch.Tensor, emb: torch.Tensor) -> _Graph | None:
-        if len(self.graphs) >= self.max_graphs:
-            self.graphs.pop(next(iter(self.graphs)))
+        if self.recorded >= self.max_graphs:
+            self.graphs.pop(next(iter(self.graphs)), None)
         s, t, e = sample.clone(), timestep.clone(), emb.clone()
         c = self.controller
         keep = (c.conv_rows, c.attn_rows) if c is not None else ()

@@ -35,8 +35,10 @@ class ReplayBackend:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures += 1
         c = self.controller
-        frozen = (c.conv_rows, c.attn_rows, c.has_source, c.record)
         out = fn()
+        if c is None:  # stock processors: nothing to freeze
+            return (lambda: out.copy_(fn())), out
+        frozen = (c.conv_rows, c.attn_rows, c.has_source, c.record)
 
         def replay() -> None:
             now = (c.conv_rows, c.attn_rows, c.has_source, c.record)
@@ -118,6 +120,38 @@ def test_per_row_thresholds_key_graphs_by_stable_index_tensors(pnp_unet, tiny_mo
     first = backend.captures
     _run(graphed, injector, tiny_models, embed, _sources(1), targets, 16)
     assert backend.captures == first  # the second and third sources record nothing new
+
+
+def test_processor_sets_keep_their_graphs(tiny_models, embed):
+    """As the bench's floor does: PnP processors off, stock ones on (their own graphs), then a new
+    injector: the PnP graphs recorded before serve again, nothing is recorded twice."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet, sc, cond = tiny_models.unet, tiny_models.scheduler_config, embed([""])
+    targets = _targets(embed, [8, 8], [5, 5])
+    injector = PnPInjector(unet)
+    backend = ReplayBackend(injector.controller)
+    graphed = GraphedUNet(unet, injector.controller, backend)
+    eager = _run(unet, injector, tiny_models, embed, _sources(1), targets, 16)
+    _run(graphed, injector, tiny_models, embed, _sources(1), targets, 16)
+    pnp_graphs = backend.captures
+    injector.remove()
+    unet.set_attn_processor(AttnProcessor2_0())
+    try:
+        graphed.use("stock", None)
+        backend.controller = None
+        z0 = _sources(1)[0]
+        plain = ddim_invert(unet, sc, z0, cond, STEPS, generation_timesteps(STEPS)).latents
+        assert torch.equal(plain, ddim_invert(graphed, sc, z0, cond, STEPS, generation_timesteps(STEPS)).latents)
+        assert backend.captures == pnp_graphs + 1 and graphed.recorded == pnp_graphs + 1
+        injector = PnPInjector(unet)
+        graphed.use("pnp", injector.controller)
+        backend.controller = injector.controller
+        again = _run(graphed, injector, tiny_models, embed, _sources(1), targets, 16)
+    finally:
+        injector.remove()
+    assert backend.captures == pnp_graphs + 1  # nothing recorded again
+    assert torch.equal(eager[0][1], again[0][1])
 
 
 def test_capture_failure_falls_back_to_eager_once(pnp_unet, tiny_models, embed, caplog):
