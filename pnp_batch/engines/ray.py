@@ -187,6 +187,9 @@ class RayBackend:
 
         self.req = req
         self.model = req.cfg.model
+        if req.cfg.inversion_batch > 1:
+            log.warning("inversion_batch=%d applies to the local engine only: Ray workers invert one source "
+                        "per UNet call", req.cfg.inversion_batch)
         self._env = worker_env()
         if self._env:
             log.info("passing to Ray workers: %s", ", ".join(sorted(self._env)))
