@@ -155,8 +155,9 @@ class GraphedUNet(torch.nn.Module):
         return _Output(g.out.clone())  # the pool is reused by the next replay
 
     def _capture(self, key: tuple, sample: torch.Tensor, timestep: torch.Tensor, emb: torch.Tensor) -> _Graph | None:
-        if self.recorded >= self.max_graphs:
-            self.graphs.pop(next(iter(self.graphs)), None)
+        if self.recorded >= self.max_graphs:  # drop the oldest, of this set if it has any
+            victims = self.graphs or next(g for g in self._sets.values() if g)
+            victims.pop(next(iter(victims)))
         s, t, e = sample.clone(), timestep.clone(), emb.clone()
         c = self.controller
         keep = (c.conv_rows, c.attn_rows) if c is not None else ()

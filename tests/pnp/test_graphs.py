@@ -154,6 +154,21 @@ def test_processor_sets_keep_their_graphs(tiny_models, embed):
     assert torch.equal(eager[0][1], again[0][1])
 
 
+def test_graph_count_is_bounded(pnp_unet, tiny_models, embed):
+    unet, injector = pnp_unet
+    backend = ReplayBackend(injector.controller)
+    graphed = GraphedUNet(unet, injector.controller, backend, max_graphs=2)
+    eager = _run(unet, injector, tiny_models, embed, _sources(1), _targets(embed, [8, 8], [5, 5]), 16)
+    got = _run(graphed, injector, tiny_models, embed, _sources(1), _targets(embed, [8, 8], [5, 5]), 16)
+    assert torch.equal(eager[0][1], got[0][1])
+    assert graphed.recorded == 2 and backend.captures == 4  # 4 shapes/states, the oldest dropped
+    graphed.use("stock", None)  # a set with nothing yet: the other set gives way
+    backend.controller = None
+    z0 = _sources(1)[0]
+    ddim_invert(graphed, tiny_models.scheduler_config, z0, embed([""]), 2, generation_timesteps(2))
+    assert graphed.recorded == 2 and len(graphed.graphs) == 1
+
+
 def test_capture_failure_falls_back_to_eager_once(pnp_unet, tiny_models, embed, caplog):
     unet, injector = pnp_unet
     targets = _targets(embed, [8], [5])
