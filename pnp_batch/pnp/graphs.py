@@ -103,14 +103,6 @@ class GraphedUNet(torch.nn.Module):
         return self.module.dtype
 
     @property
-    def device(self) -> torch.device:
-        return self.module.device
-
-    @property
-    def config(self):
-        return self.module.config
-
-    @property
     def recorded(self) -> int:
         """Graphs recorded and kept, over every processor set."""
         return sum(map(len, self._sets.values()))
