@@ -22,6 +22,11 @@ class Row:
     overrides: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    # Already ok in an earlier run, but its group still has rows to do: translated again in the
+    # group's batch and then dropped (no image written, no record). The rows to do then share their
+    # UNet batches with the same rows as in an uninterrupted run, and float rounding differs with
+    # the batch, so this is what gives them the same bytes (CONTRACT).
+    companion: bool = False
 
     @cached_property
     def source_key(self) -> str:

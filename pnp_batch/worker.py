@@ -350,9 +350,10 @@ class Translator:
         prepared: list[tuple[list[dict[str, Any]], list[Row], int | None]] = []
         sources: list[tuple[bytes, str]] = []
         for group in groups:
-            records = [self._record(r, "failed", error=r.error, attempt=attempt) for r in group if r.error]
+            records = [self._record(r, "failed", error=r.error, attempt=attempt)
+                       for r in group if r.error and not r.companion]
             rows = [r for r in group if not r.error]
-            if not rows:
+            if all(r.companion for r in rows):  # nothing of this group left to translate
                 prepared.append((records, rows, None))
                 continue
             first = rows[0]
@@ -377,11 +378,12 @@ class Translator:
     def _source_failed(self, rows: list[Row], e: Exception, attempt: int) -> list[dict[str, Any]]:
         msg = _row_message(e, rows[0])
         log.warning("source %s failed: %s", rows[0].image or rows[0].id, msg)
-        return [self._record(r, "failed", error=msg, attempt=attempt) for r in rows]
+        return [self._record(r, "failed", error=msg, attempt=attempt) for r in rows if not r.companion]
 
     def _finish(self, rows: list[Row], latents: torch.Tensor, key: str, hit: bool, t_inv: float,
                 attempt: int) -> list[dict[str, Any]]:
-        """Sample, decode and write the images of one group, then build its records."""
+        """Sample and decode the images of one group, write those of the rows to do (not of the
+        companions: see Row.companion), and build their records."""
         first = rows[0]
         h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
         try:
@@ -391,9 +393,12 @@ class Translator:
         except Exception as e:
             msg = _row_message(e, first)
             log.exception("translation of %d rows from %s failed", len(rows), first.image or first.id)
-            return [self._record(r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt) for r in rows]
+            return [self._record(r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt)
+                    for r in rows if not r.companion]
         records: list[dict[str, Any] | Future] = []
         for r, img, neg in zip(rows, images, negs):
+            if r.companion:
+                continue
             uri = output_uri(self.out, r.id, self.cfg.output_format)
             ok = self._record(
                 r, "ok", output=uri, negative=neg, feature_key=key, cache_hit=hit, width=w, height=h,

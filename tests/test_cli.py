@@ -77,7 +77,8 @@ def test_run_writes_contract_outputs_and_resumes(tmp_path, caplog):
         assert main(["run", m, "--out", str(out), *FAST, "--set", "guidance_scale=5", "--dry-run"]) == 0
     assert "6 rows" in caplog.text and "another pipeline config" in caplog.text
     s2 = _summary(out)
-    assert s2["counts"] == {"manifest_rows": 6, "done_before": 6, "attempted": 0, "ok": 0, "failed": 0}
+    assert s2["counts"] == {"manifest_rows": 6, "done_before": 6, "attempted": 0, "ok": 0, "failed": 0,
+                            "companions": 0}
     assert pads.dataset(str(out / "results"), format="parquet").to_table().num_rows == 6
 
     # --overwrite redoes them with the same bytes, reusing the stored features (no inversion)
@@ -112,6 +113,37 @@ def test_batch_of_k_equals_single_prompt_runs(tmp_path):
         b = np.asarray(Image.open(out1 / "images" / f"{r['id']}.png")).astype(int)
         # batched and single UNet calls differ only by float rounding order: at most 1 level, rarely
         assert np.abs(a - b).max() <= 1 and np.abs(a - b).mean() < 0.01
+
+
+def test_row_redone_after_a_failure_gets_the_bytes_of_an_uninterrupted_run(tmp_path):
+    """A row's bytes depend on the batch it shares (previous test: up to 1 level). A row that failed
+    and is redone must share its batch with the same rows as in an uninterrupted run: its group's
+    rows that are already ok go along as companions, translated again but neither written nor
+    recorded. At 128 px the tiny model's rows differ when sampled alone (checked: the test fails
+    without companions)."""
+    names = _sources(tmp_path, 1)
+    m = _manifest(tmp_path, _rows(names))
+    args = [*FAST, "--set", "resolution=128", "--no-report"]
+    ref = tmp_path / "ref"
+    assert main(["run", m, "--out", str(ref), *args]) == 0
+    out = tmp_path / "out"
+    blocker = out / "images" / "s0-1.png"  # a directory where the image goes: that write fails
+    blocker.mkdir(parents=True)
+    (blocker / "x").write_text("x")
+    assert main(["run", m, "--out", str(out), *args]) == 1
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png") if p.is_file()}
+    assert sorted(first) == ["s0-0.png", "s0-2.png"]
+    (blocker / "x").unlink()
+    blocker.rmdir()
+    assert main(["run", m, "--out", str(out), *args]) == 0
+    s = _summary(out)
+    assert s["counts"]["ok"] == 1 and s["counts"]["done_before"] == 2 and s["counts"]["companions"] == 2
+    assert s["stats"]["unet"]["sample_elements"] == 4 * (1 + 2 * 3) - 1  # all 3 targets; the source branch 3 steps
+    assert (out / "images" / "s0-1.png").read_bytes() == (ref / "images" / "s0-1.png").read_bytes()
+    # the companions' images were not written again, and every row has exactly one ok record
+    assert {n: (out / "images" / n).stat().st_mtime_ns for n in first} == first
+    recs = pads.dataset(str(out / "results"), format="parquet").to_table().to_pylist()
+    assert sorted(r["id"] for r in recs if r["status"] == "ok") == ["s0-0", "s0-1", "s0-2"]
 
 
 def test_failed_rows_exit_1_and_are_recorded(tmp_path):

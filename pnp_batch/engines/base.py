@@ -7,7 +7,7 @@ import platform
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -109,12 +109,24 @@ class Plan:
     todo: int
 
 
-def todo_rows(manifest: Manifest, done: dict[str, str], req: RunRequest) -> Iterator[Row]:
-    """Rows of the manifest not yet ok (all rows with --overwrite), streaming."""
-    for row in manifest.iter_rows(limit=req.limit):
-        if not req.overwrite and done.get(row.id) == "ok":
+def work_groups(manifest: Manifest, done: dict[str, str], req: RunRequest,
+                counts: dict[str, int] | None = None) -> Iterator[list[Row]]:
+    """The groups (rows sharing a source) with rows not yet ok (all rows with --overwrite), streaming.
+
+    Groups are formed from every row, done or not, so they are the groups of an uninterrupted run. A
+    group's rows that are already ok stay in it as companions (translated, not written): a row's bytes
+    depend on the batch it is sampled in, so a row redone after a failure or a crash must share its
+    batch with the same rows as before to get the bytes an uninterrupted run gives it (CONTRACT).
+    """
+    for group in group_rows(manifest.iter_rows(limit=req.limit), window=req.group_window):
+        if req.overwrite:
+            yield group
             continue
-        yield row
+        marked = [replace(r, companion=True) if done.get(r.id) == "ok" else r for r in group]
+        if not all(r.companion for r in marked):
+            if counts is not None:
+                counts["companions"] = counts.get("companions", 0) + sum(r.companion for r in marked)
+            yield marked
 
 
 def plan(req: RunRequest) -> tuple[Manifest, dict[str, str], Plan]:
@@ -169,7 +181,7 @@ def execute(req: RunRequest, backend: Backend) -> int:
         "run %s: %d rows in the manifest, %d already done, %d to do (engine %s, pipeline %s)",
         run_id, p.total, p.done_before, p.todo, backend.name, req.cfg.name,
     )
-    counts = {"ok": 0, "failed": 0}
+    counts = {"ok": 0, "failed": 0, "companions": 0}
     sample: list[dict[str, Any]] = []
     if p.todo:
         backend.start(req)  # loads the model: an unusable one stops here, before anything is written
@@ -180,7 +192,7 @@ def execute(req: RunRequest, backend: Backend) -> int:
     if p.todo:
         progress = Progress(p.todo, f"pnp-batch {run_id}")
         try:
-            groups = group_rows(todo_rows(manifest, done, req), window=req.group_window)
+            groups = work_groups(manifest, done, req, counts)
             for records in backend.map_groups(groups):
                 for rec in records:
                     rec["run_id"] = run_id
@@ -214,6 +226,9 @@ def execute(req: RunRequest, backend: Backend) -> int:
             log.warning("could not write the contact sheet: %s", storage.redact(str(e)))
     failed = counts.get("failed", 0)
     log.info("run %s finished: %d ok, %d failed, %d done before", run_id, counts["ok"], failed, p.done_before)
+    if counts["companions"]:
+        log.info("%d rows done before were translated again, not written, as companions of rows redone in their "
+                 "groups (a row's bytes depend on the batch it shares)", counts["companions"])
     return 1 if failed else 0
 
 
@@ -236,6 +251,7 @@ def _summary(req: RunRequest, manifest_uri: str, run_id: str, started: datetime,
             "attempted": counts.get("ok", 0) + counts.get("failed", 0),
             "ok": counts.get("ok", 0),
             "failed": counts.get("failed", 0),
+            "companions": counts.get("companions", 0),
         },
         "started_at": started.isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
