@@ -81,6 +81,7 @@ class Translator:
         self._write_pool: ThreadPoolExecutor | None = None
         self._feature_writes: dict[str, tuple[torch.Tensor, Future]] = {}  # key -> (latents, write)
         self._prefetched: dict[str, tuple[torch.Tensor, dict]] = {}  # key -> features read ahead (prefetch)
+        self._digests: dict[int, tuple[bytes, str]] = {}  # id(source bytes) -> (the bytes, sha256), from prefetch
         self.max_batch = self._max_batch()
         # Sources inverted per UNet call. On a GPU a batch-1 call is launch-bound, so 4 cost little more
         # than 1; but which sources share a batch then depends on the run (a resumed run batches
@@ -190,7 +191,7 @@ class Translator:
         for i, (data, prompt) in enumerate(sources):
             t0 = time.perf_counter()
             try:
-                sha = hashlib.sha256(data).hexdigest()
+                sha = self._sha256(data)
                 key = self._key(sha, prompt)
                 writing = self._feature_writes.get(key)
                 if writing is not None:
@@ -226,6 +227,14 @@ class Translator:
                     results[i] = (lat, key, False, (time.perf_counter() - t0) / len(chunk))
         return results
 
+    def _sha256(self, data: bytes) -> str:
+        """The source's sha256, computed once: prefetch already hashed the bytes it read ahead (the
+        entry holds the bytes, so their id cannot be reused while it is there)."""
+        memo = self._digests.pop(id(data), None)
+        if memo is not None and memo[0] is data:
+            return memo[1]
+        return hashlib.sha256(data).hexdigest()
+
     def _inversion_prompt(self, row: Row) -> str:
         return self.cfg.inversion_prompt.replace("{source_prompt}", row.source_prompt)
 
@@ -242,7 +251,11 @@ class Translator:
         except Exception:  # noqa: BLE001 - read again (and recorded) by the translation
             return group
         try:
-            key = self._key(hashlib.sha256(data).hexdigest(), self._inversion_prompt(row))
+            sha = hashlib.sha256(data).hexdigest()
+            if len(self._digests) >= 64:  # source_features_many takes them back; bound what it never asks for
+                self._digests.pop(next(iter(self._digests)), None)
+            self._digests[id(data)] = (data, sha)
+            key = self._key(sha, self._inversion_prompt(row))
             if key not in self._feature_writes and key not in self._prefetched and len(self._prefetched) < 64:
                 hit = self.features.get(key)
                 if hit is not None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pnp_batch import worker as worker_module
 from pnp_batch.config import load_config
 from pnp_batch.rows import Row
 from pnp_batch.worker import Translator
@@ -196,8 +198,13 @@ def test_prefetch_reads_source_bytes_and_stored_features_ahead(tmp_path, tiny_mo
             raise AssertionError("the store was read again")
 
         monkeypatch.setattr(tr.features, "get", store_gone)
+        hashed = []
+        real_sha256 = hashlib.sha256
+        monkeypatch.setattr(worker_module.hashlib, "sha256", lambda b=b"": hashed.append(b) or real_sha256(b))
         feats = tr.source_features_many([(warm[0].image_bytes, "")])
         assert feats[0][2] and not tr._prefetched  # a hit, served from the read-ahead, then dropped
+        assert png not in hashed and not tr._digests  # hashed once, by prefetch, not again here
+        assert feats[0][1] == tr._key(real_sha256(png).hexdigest(), "")
         bad = Row(index=1, id="p1", image=str(tmp_path / "missing.png"), image_bytes=None, source_prompt="",
                   target_prompt="x")
         assert tr.prefetch([bad]) == [bad]  # left for the translation to fail and record
