@@ -728,12 +728,22 @@ def run_bench(args) -> int:
         b.setup(tmp)
         print(f"bench: model built in {b.build_seconds:.1f} s ({b.models.fingerprint}, {b.models.dtype})", flush=True)
         b.warmup()
+        compile_stats = None
         if args.compile:
             print("bench: --compile: one untimed pass of every path first (compilation)", flush=True)
+            t0 = time.perf_counter()
             _run_all(b, [max(s["k"])], quiet=True)
             b._ref_cache.clear()
             b.tr.features = _fresh_store(b, "compile-warmup")
+            compile_stats = {"warmup_seconds": time.perf_counter() - t0, **_dynamo_stats("after_warmup")}
+            print(f"bench: --compile: warm-up pass {compile_stats['warmup_seconds']:.0f} s, "
+                  f"{compile_stats['graphs_after_warmup']} graphs, {compile_stats['graph_breaks']} graph breaks",
+                  flush=True)
         results = _run_all(b, s["k"])
+        if compile_stats is not None:
+            # graphs compiled inside the timed pass (a shape or state the warm-up did not see) count in its times
+            compile_stats["graphs_compiled_while_timed"] = (
+                _dynamo_stats("")["graphs_"] - compile_stats["graphs_after_warmup"])
         mem_kind = PeakMemory(b.device).kind
     fig = compute_figures(results, s)
     out = {
@@ -745,7 +755,7 @@ def run_bench(args) -> int:
             "reference_inversion_steps": s["reference_inversion_steps"],
             "k": s["k"],
             "sources": s["sources"],
-            "compile": bool(args.compile),
+            "compile": compile_stats or False,
             "channels_last": bool(getattr(args, "channels_last", False)),
             "inversion_batch": int(getattr(args, "inversion_batch", None) or 1),
             "cuda_graphs": _graph_use(b.unet),
@@ -784,6 +794,14 @@ def run_bench(args) -> int:
         else:
             print("bench: --data: pnp_batch.bench_data is not available")
     return 0
+
+
+def _dynamo_stats(suffix: str) -> dict[str, int]:
+    """torch.compile's own counters: graphs compiled so far and graph breaks (with --compile)."""
+    from torch._dynamo.utils import counters
+
+    return {f"graphs_{suffix}": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
 def _graph_use(unet) -> dict[str, Any] | bool:
