@@ -735,15 +735,16 @@ def run_bench(args) -> int:
             _run_all(b, [max(s["k"])], quiet=True)
             b._ref_cache.clear()
             b.tr.features = _fresh_store(b, "compile-warmup")
-            compile_stats = {"warmup_seconds": time.perf_counter() - t0, **_dynamo_stats("after_warmup")}
+            graphs, breaks = _dynamo_stats()
+            compile_stats = {"warmup_seconds": time.perf_counter() - t0, "graphs_after_warmup": graphs,
+                             "graph_breaks": breaks}
             print(f"bench: --compile: warm-up pass {compile_stats['warmup_seconds']:.0f} s, "
                   f"{compile_stats['graphs_after_warmup']} graphs, {compile_stats['graph_breaks']} graph breaks",
                   flush=True)
         results = _run_all(b, s["k"])
         if compile_stats is not None:
             # graphs compiled inside the timed pass (a shape or state the warm-up did not see) count in its times
-            compile_stats["graphs_compiled_while_timed"] = (
-                _dynamo_stats("")["graphs_"] - compile_stats["graphs_after_warmup"])
+            compile_stats["graphs_compiled_while_timed"] = _dynamo_stats()[0] - compile_stats["graphs_after_warmup"]
         mem_kind = PeakMemory(b.device).kind
     fig = compute_figures(results, s)
     out = {
@@ -796,12 +797,11 @@ def run_bench(args) -> int:
     return 0
 
 
-def _dynamo_stats(suffix: str) -> dict[str, int]:
-    """torch.compile's own counters: graphs compiled so far and graph breaks (with --compile)."""
+def _dynamo_stats() -> tuple[int, int]:
+    """torch.compile's own counters: graphs compiled so far, and graph breaks (with --compile)."""
     from torch._dynamo.utils import counters
 
-    return {f"graphs_{suffix}": int(counters["stats"]["unique_graphs"]),
-            "graph_breaks": int(sum(counters["graph_break"].values()))}
+    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
 
 
 def _graph_use(unet) -> dict[str, Any] | bool:
