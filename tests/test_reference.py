@@ -49,7 +49,7 @@ def reference_translate(model_dir: str, image: Image.Image, prompt: str) -> np.n
         size = (int(RES * w / h), RES)
     if size != image.size:
         image = image.resize(size, Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255).unsqueeze(0)
     with torch.no_grad():
         latent = vae.encode(2 * x - 1).latent_dist.mean * 0.18215
         # 2. inversion with the empty prompt, every latent kept
