@@ -41,7 +41,7 @@ BENCH=("$PY" -m pnp_batch bench --arch sd21-base --device cuda --dtype float16 -
 # per source and is shared by both K (it does not depend on the prompts). The default options.
 timeout 220 "${BENCH[@]}" --k 1 --k 4 --sources 2 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 echo "bench exit status ${PIPESTATUS[0]}"
-[ "${QUICK:-0}" = 1 ] && exit 0  # QUICK=1: the check proper only (under five minutes)
+if [ "${QUICK:-0}" != 1 ]; then  # QUICK=1: the check proper only (under five minutes)
 # Then K=4 with the opt-in speed keys, in order of interest (a shorter reference, extrapolated per
 # UNet call; if the device call's own limit cuts the last one short, the earlier files are kept):
 #   cuda_graphs (one host launch per UNet call); cudnn_benchmark (what the deterministic default
@@ -55,3 +55,18 @@ echo "bench (cudnn_benchmark) exit status ${PIPESTATUS[0]}"
 timeout 90 "${BENCH[@]}" --k 4 --sources 4 --reference-inversion-steps 100 --cuda-graphs --inversion-batch 4 \
   --json "$OUT/bench-graphs-ib4.json" 2>&1 | tee "$OUT/bench-graphs-ib4.txt"
 echo "bench (cuda_graphs, inversion_batch 4) exit status ${PIPESTATUS[0]}"
+fi
+
+# One line per bench run, so the device call's output tail says what matters at a glance.
+"$PY" - "$OUT" <<'PYEOF' 2>&1 | tee "$OUT/summary.txt"
+import glob, json, os, sys
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench*.json"))):
+    d = json.load(open(path))
+    r, c = d.get("ratios", {}), d.get("config", {})
+    print(f"{os.path.basename(path)}: {d.get('images_per_minute', 0):.1f} img/min at K={max(c.get('k', [0]))}; "
+          f"vs reference k1 {r.get('default_vs_reference_k1_at_spec', float('nan')):.1f}x "
+          f"k4 {r.get('default_vs_reference_k4_at_spec', float('nan')):.1f}x; "
+          f"overhead {r.get('injection_overhead', float('nan')):+.1%}; warm {r.get('warm_vs_cold', float('nan')):.2f}x; "
+          f"cuda_graphs {c.get('cuda_graphs')}; inversion_batch {c.get('inversion_batch')}; "
+          f"cudnn_benchmark {c.get('cudnn_benchmark')}")
+PYEOF
