@@ -8,12 +8,13 @@ Run from the repository root: python tools/make_tiny_vocab.py
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections import Counter
 from pathlib import Path
 
-CORPUS = """
+_CORPUS_TEXT = """
 a an the of in on at to with and or by for from into over under near behind front photo photograph
 picture image painting drawing sketch render rendering illustration portrait landscape close up view
 cat dog fox tiger lion wolf bear horse zebra cow sheep bird eagle owl fish shark whale dolphin rabbit
@@ -32,7 +33,8 @@ high quality detailed sharp cinematic lighting studio neon glowing covered snowy
 cloudy frozen burning fire water smoke space planet earth mars galaxy nebula launch pad tabby sitting
 standing lying running walking flying swimming looking holding wearing suit helmet hat dress shirt
 jacket van gogh monet picasso starry impressionist cubist pop sticker poster mosaic stained embroidery
-""".split()
+"""
+CORPUS = _CORPUS_TEXT.split()
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -60,7 +62,7 @@ def train(words: list[str], merges_wanted: int) -> list[tuple[str, str]]:
     for _ in range(merges_wanted):
         pairs: Counter = Counter()
         for w, sym in seqs.items():
-            for a, b in zip(sym, sym[1:]):
+            for a, b in itertools.pairwise(sym):
                 pairs[(a, b)] += counts[w]
         if not pairs:
             break
