@@ -253,7 +253,10 @@ class Translator:
         try:
             sha = hashlib.sha256(data).hexdigest()
             if len(self._digests) >= 64:  # source_features_many takes them back; bound what it never asks for
-                self._digests.pop(next(iter(self._digests)), None)
+                try:
+                    self._digests.pop(next(iter(self._digests)), None)
+                except (StopIteration, RuntimeError):  # the translation thread took entries meanwhile
+                    pass
             self._digests[id(data)] = (data, sha)
             key = self._key(sha, self._inversion_prompt(row))
             if key not in self._feature_writes and key not in self._prefetched and len(self._prefetched) < 64:
