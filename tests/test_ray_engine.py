@@ -141,6 +141,32 @@ def test_two_workers_match_the_local_engine_byte_for_byte(tmp_path: Path, ray_in
 
 
 @pytest.mark.slow
+def test_inversion_batch_windows_are_the_local_engines(tmp_path: Path, ray_instance: str) -> None:
+    """With inversion_batch 2 the driver sends windows of 2 groups, whose sources an actor inverts in
+    shared UNet calls: the same windows as the local engine's, so the same bytes."""
+    import torch
+
+    manifest = write_manifest(tmp_path / "in", sources=5, per_source=2)  # 10 rows, windows of 2, 2, 1 groups
+    out_ray, out_local = tmp_path / "ray", tmp_path / "local"
+    batched = [*FAST, "--set", "inversion_batch=2"]
+    assert run_cli(str(manifest), "--out", str(out_ray), "--engine", "ray", "--workers", "2", *batched) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_cli(str(manifest), "--out", str(out_local), *batched) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for out in (out_ray, out_local):
+        unet = json.loads(next((out / "runs").glob("*.json")).read_text())["stats"]["unet"]
+        assert unet["inversions"] == 5 and unet["invert_calls"] == 3 * 4  # 3 windows x 4 inversion steps
+        assert unet["invert_elements"] == 5 * 4
+    names = sorted(p.name for p in (out_local / "images").iterdir())
+    assert len(names) == 10 and names == sorted(p.name for p in (out_ray / "images").iterdir())
+    for name in names:
+        assert (out_ray / "images" / name).read_bytes() == (out_local / "images" / name).read_bytes(), name
+
+
+@pytest.mark.slow
 def test_a_killed_worker_costs_a_retry_not_a_row(tmp_path: Path, ray_instance: str) -> None:
     manifest = write_manifest(tmp_path / "in", sources=16, per_source=2)  # 32 rows
     out = tmp_path / "out"
@@ -173,9 +199,6 @@ def test_a_killed_worker_costs_a_retry_not_a_row(tmp_path: Path, ray_instance: s
     assert all(n == 1 for n in ok.values()), ok
     assert not any(r["status"] == "failed" for r in recs)
     # the victim's records are only those of groups it finished before it was killed
-
-    import json
-
     stats = json.loads(next((out / "runs").glob("*.json")).read_text())["stats"]
     assert stats["actor_restarts"] >= 1 and stats["retries"] >= 1, stats
     assert any(r["attempt"] == 2 for r in recs)

@@ -129,6 +129,20 @@ def work_groups(manifest: Manifest, done: dict[str, str], req: RunRequest,
             yield marked
 
 
+def windows(groups: Iterator[list[Row]], size: int) -> Iterator[list[list[Row]]]:
+    """Consecutive windows of `size` groups, the unit a worker translates at once (the pipeline key
+    `inversion_batch`: their inversions share UNet calls). Both engines cut the same windows from the
+    same group stream, so the same sources share a batch on either."""
+    window: list[list[Row]] = []
+    for g in groups:
+        window.append(g)
+        if len(window) >= size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
 def plan(req: RunRequest) -> tuple[Manifest, dict[str, str], Plan]:
     """Open and check the manifest (exit 2 on failure), read the done-index, count the work."""
     manifest = open_manifest(req.manifest)

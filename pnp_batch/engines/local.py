@@ -8,30 +8,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
-from pnp_batch.engines.base import RunRequest
+from pnp_batch.engines.base import RunRequest, windows
 from pnp_batch.manifest import Row
 from pnp_batch.records import resolve
 
 log = logging.getLogger(__name__)
 
 
-def _windows(groups: Iterator[list[Row]], size: int) -> Iterator[list[list[Row]]]:
-    window: list[list[Row]] = []
-    for g in groups:
-        window.append(g)
-        if len(window) >= size:
-            yield window
-            window = []
-    if window:
-        yield window
-
-
-def _read_ahead(windows: Iterator[list[list[Row]]], pool: ThreadPoolExecutor,
+def _read_ahead(todo: Iterator[list[list[Row]]], pool: ThreadPoolExecutor,
                 read: Callable[[list[Row]], list[Row]]) -> Iterator[list[list[Row]]]:
     """The windows with each group passed through `read`; the next window is read in `pool` while
     the caller works on this one."""
     pending: Future | None = None
-    for window in windows:
+    for window in todo:
         fut = pool.submit(lambda w: [read(g) for g in w], window)
         if pending is not None:
             yield pending.result()
@@ -58,7 +47,7 @@ class LocalBackend:
         size = self.translator.inversion_batch
         writing: list | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-            for window in _read_ahead(_windows(groups, size), pool, self.translator.prefetch):
+            for window in _read_ahead(windows(groups, size), pool, self.translator.prefetch):
                 started = self.translator.start_many(window)
                 if writing is not None:
                     yield from map(resolve, writing)

@@ -21,7 +21,7 @@ from typing import Any
 
 from pnp_batch import storage
 from pnp_batch.config import PipelineConfig
-from pnp_batch.engines.base import RunRequest
+from pnp_batch.engines.base import RunRequest, windows
 from pnp_batch.errors import UsageError
 from pnp_batch.manifest import Row
 from pnp_batch.records import resolve, row_record
@@ -91,14 +91,15 @@ class TranslatorWorker:
                        fingerprint=m.fingerprint, device=str(m.device), dtype=str(m.dtype))
         return out
 
-    def process(self, rows: list[Row], attempt: int) -> dict[str, Any]:
-        """Translate one group; returns its records and this worker's counters so far."""
-        rows = self.translator.prefetch(rows)  # I/O outside the lock: overlaps the group sampling now
+    def process(self, groups: list[list[Row]], attempt: int) -> dict[str, Any]:
+        """Translate a window of groups (their inversions share UNet calls, `inversion_batch`); returns
+        their records and this worker's counters so far."""
+        groups = [self.translator.prefetch(g) for g in groups]  # I/O outside the lock: overlaps sampling now
         with self.lock:
-            started = self.translator.start_many([rows], attempt=attempt)[0]
+            started = self.translator.start_many(groups, attempt=attempt)
             counters = asdict(self.translator.counters)
-        # The images are encoded and written outside the lock: the other group in flight samples meanwhile.
-        return {"records": resolve(started), "counters": counters}
+        # The images are encoded and written outside the lock: the other window in flight samples meanwhile.
+        return {"records": [rec for records in started for rec in resolve(records)], "counters": counters}
 
     def close(self) -> None:
         """Finish the writes still in flight (features: the last groups' images are already written)."""
@@ -152,8 +153,12 @@ class _Slot:
 @dataclass
 class _Task:
     slot: _Slot
-    rows: list[Row]
+    groups: list[list[Row]]
     attempt: int
+
+    @property
+    def rows(self) -> list[Row]:
+        return [r for g in self.groups for r in g]
 
 
 class RayBackend:
@@ -187,9 +192,6 @@ class RayBackend:
 
         self.req = req
         self.model = req.cfg.model
-        if req.cfg.inversion_batch > 1:
-            log.warning("inversion_batch=%d applies to the local engine only: Ray workers invert one source "
-                        "per UNet call", req.cfg.inversion_batch)
         self._env = worker_env()
         if self._env:
             log.info("passing to Ray workers: %s", ", ".join(sorted(self._env)))
@@ -321,26 +323,26 @@ class RayBackend:
         import ray
 
         loss = _loss_types()
-        retry: deque[tuple[list[Row], int, str]] = deque()
+        retry: deque[tuple[list[list[Row]], int, str]] = deque()
         tasks: dict[Any, _Task] = {}
-        source = iter(groups)
+        source = windows(groups, self.req.cfg.inversion_batch)
         exhausted = False
         while True:
             # 1. fill every ready worker up to its bound; retries first, then new groups, lazily
             for slot in self.slots:
                 while slot.ready and slot.alive and slot.inflight < self.in_flight_per_worker:
                     if retry:
-                        rows, attempt, _ = retry.popleft()
+                        window, attempt, _ = retry.popleft()
                     elif not exhausted:
-                        rows = next(source, None)
-                        if rows is None:
+                        window = next(source, None)
+                        if window is None:
                             exhausted = True
                             break
                         attempt = 1
                     else:
                         break
-                    ref = slot.handle.process.remote(rows, attempt)
-                    tasks[ref] = _Task(slot, rows, attempt)
+                    ref = slot.handle.process.remote(window, attempt)
+                    tasks[ref] = _Task(slot, window, attempt)
                     slot.inflight += 1
             starting = {s.ready_ref: s for s in self.slots if s.alive and not s.ready}
             if not tasks and exhausted and not retry:
@@ -364,7 +366,7 @@ class RayBackend:
                     self.retries += 1
                     log.warning("resubmitting %d rows of %s (attempt %d of %d)", len(task.rows),
                                 task.rows[0].image or task.rows[0].id, task.attempt + 1, self.max_attempts)
-                    retry.append((task.rows, task.attempt + 1, reason))
+                    retry.append((task.groups, task.attempt + 1, reason))
                     continue
                 self.lost_groups += 1
                 msg = f"worker lost {task.attempt} times: {reason}"
@@ -374,7 +376,7 @@ class RayBackend:
             except ray.exceptions.RayTaskError as e:  # process() raises only on bugs: fail the group, go on
                 msg = storage.redact(f"{type(e.cause).__name__ if e.cause else 'RayTaskError'}: "
                                      f"{str(e.cause or e).splitlines()[0] if str(e.cause or e) else ''}")[:500]
-                log.error("group from %s failed on %s: %s", task.rows[0].image or task.rows[0].id,
+                log.error("groups from %s failed on %s: %s", task.rows[0].image or task.rows[0].id,
                           task.slot.name, msg)
                 yield [lost_record(r, self.req.cfg, self.model, task.slot.name, task.attempt, msg) for r in task.rows
                        if not r.companion]
