@@ -83,6 +83,19 @@ def run_cli(*args: str) -> int:
     return main(["run", *args])
 
 
+def run_local_one_thread(*args: str) -> int:
+    """The local engine at the Ray workers' thread count (2 CPUs / 2 workers): CPU float results depend
+    on the intra-op thread count, so byte comparisons need the same one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_cli(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def records(out: str) -> list[dict]:
     from pnp_batch.results import read_results
 
@@ -91,8 +104,6 @@ def records(out: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_workers_match_the_local_engine_byte_for_byte(tmp_path: Path, ray_instance: str) -> None:
-    import torch
-
     manifest = write_manifest(tmp_path / "in", sources=5, per_source=3)  # 15 rows
     out_ray, out_local = tmp_path / "ray", tmp_path / "local"
     blocker = out_ray / "images" / "s1-t1.png"  # a directory where that image goes: its write fails
@@ -107,13 +118,7 @@ def test_two_workers_match_the_local_engine_byte_for_byte(tmp_path: Path, ray_in
     resumed = json.loads(max((out_ray / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime_ns).read_text())
     assert resumed["counts"]["ok"] == 1 and resumed["counts"]["companions"] == 2
     assert {n: (out_ray / "images" / n).stat().st_mtime_ns for n in written} == written
-    # CPU float results depend on the intra-op thread count: compare at the workers' count (2 CPUs / 2).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert run_cli(str(manifest), "--out", str(out_local), *FAST) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_local_one_thread(str(manifest), "--out", str(out_local), *FAST) == 0
 
     recs = [r for r in records(str(out_ray)) if r["status"] == "ok"]
     assert len(recs) == 15
@@ -144,18 +149,11 @@ def test_two_workers_match_the_local_engine_byte_for_byte(tmp_path: Path, ray_in
 def test_inversion_batch_windows_are_the_local_engines(tmp_path: Path, ray_instance: str) -> None:
     """With inversion_batch 2 the driver sends windows of 2 groups, whose sources an actor inverts in
     shared UNet calls: the same windows as the local engine's, so the same bytes."""
-    import torch
-
     manifest = write_manifest(tmp_path / "in", sources=5, per_source=2)  # 10 rows, windows of 2, 2, 1 groups
     out_ray, out_local = tmp_path / "ray", tmp_path / "local"
     batched = [*FAST, "--set", "inversion_batch=2"]
     assert run_cli(str(manifest), "--out", str(out_ray), "--engine", "ray", "--workers", "2", *batched) == 0
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert run_cli(str(manifest), "--out", str(out_local), *batched) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_local_one_thread(str(manifest), "--out", str(out_local), *batched) == 0
     for out in (out_ray, out_local):
         unet = json.loads(next((out / "runs").glob("*.json")).read_text())["stats"]["unet"]
         assert unet["inversions"] == 5 and unet["invert_calls"] == 3 * 4  # 3 windows x 4 inversion steps
