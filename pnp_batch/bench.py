@@ -350,6 +350,7 @@ class Bench:
         self.models = build_random_models(self.args.arch, self.device, dtype, seed=0)
         self.build_seconds = time.perf_counter() - t0
         dname = str(dtype).removeprefix("torch.")
+        graphs = getattr(self.args, "cuda_graphs", None)
         # One UNet call per step for every K run here (the Translator's auto batch size does the same
         # on any GPU; a fixed value keeps the floor's replay of batch sizes exact).
         self.cfg = PipelineConfig(
@@ -357,7 +358,7 @@ class Bench:
             steps=s["steps"], inversion_steps=s["steps"], batch_size=max(3, 2 * max(s["k"]) + 1),
             compile=bool(self.args.compile), channels_last=bool(getattr(self.args, "channels_last", False)),
             inversion_batch=int(getattr(self.args, "inversion_batch", None) or 1),
-            cuda_graphs=bool(getattr(self.args, "cuda_graphs", False)),
+            cuda_graphs="auto" if graphs is None else graphs,  # auto: on for CUDA unless --compile
             cudnn_benchmark=bool(getattr(self.args, "cudnn_benchmark", False)),
             name=f"bench-{self.args.arch}",
         )

@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sources", type=int, default=None)
     b.add_argument("--compile", action="store_true", help="torch.compile the UNet (measured)")
     b.add_argument("--channels-last", action="store_true", help="UNet in channels-last memory format (CUDA)")
-    b.add_argument("--cuda-graphs", action="store_true",
-                   help="replay UNet calls as CUDA graphs (pipeline key cuda_graphs; CUDA only)")
+    b.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay UNet calls as CUDA graphs (pipeline key cuda_graphs; default: on for CUDA)")
     b.add_argument("--cudnn-benchmark", action="store_true",
                    help="let cuDNN time its algorithms per shape (pipeline key cudnn_benchmark; CUDA)")
     b.add_argument("--inversion-batch", type=int, default=1, help="sources inverted per UNet call (pipeline key)")

@@ -60,7 +60,7 @@ class PipelineConfig:
     max_pixels: int = 64_000_000
     compile: bool = False
     channels_last: bool = False
-    cuda_graphs: bool = False
+    cuda_graphs: bool | str = "auto"
     cudnn_benchmark: bool = False
     name: str = "custom"
 
@@ -149,7 +149,9 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"batch_size={cfg.batch_size!r} must be 'auto' or a whole number >= 3 (UNet batch elements)")
     if not isinstance(cfg.inversion_batch, int) or not 1 <= cfg.inversion_batch <= 64:
         raise ConfigError(f"inversion_batch={cfg.inversion_batch!r} must be a whole number from 1 to 64")
-    if cfg.compile and cfg.cuda_graphs:
+    if cfg.cuda_graphs not in (True, False, "auto"):
+        raise ConfigError(f"cuda_graphs={cfg.cuda_graphs!r} must be true, false or 'auto' (on for CUDA devices)")
+    if cfg.compile and cfg.cuda_graphs is True:
         raise ConfigError("compile and cuda_graphs are alternatives: set one of them")
     if not isinstance(cfg.max_pixels, int) or cfg.max_pixels < 1:
         raise ConfigError(f"max_pixels={cfg.max_pixels!r} must be a positive whole number")

@@ -98,8 +98,11 @@ class Translator:
                 self.models.unet.to(memory_format=torch.channels_last)
         if cfg.compile:
             self.models.unet = torch.compile(self.models.unet)
-        if cfg.cuda_graphs:
-            if self.models.device.type == "cuda":
+        # cuda_graphs 'auto' (the default): on for CUDA, unless compile is set. Measured on an H100
+        # (docs/bench.md): 1.6x the images per minute of eager calls at K = 4, same images within 1 level.
+        on_cuda = self.models.device.type == "cuda"
+        if cfg.cuda_graphs is True or (cfg.cuda_graphs == "auto" and on_cuda and not cfg.compile):
+            if on_cuda:
                 self.models.unet = GraphedUNet(self.models.unet, self.injector.controller)
             else:
                 log.info("cuda_graphs applies to CUDA devices only; the UNet on %s runs eagerly", self.models.device)

@@ -93,7 +93,11 @@ def test_no_host_device_sync_per_step(tiny_model_dir):
                                    steps, 3)),
         )
     injector.remove()
-    assert counts[5] == counts[20], counts
+    # A synchronisation per step would add 15 between 5 and 20 steps. The counts themselves can move by
+    # one between runs (a one-off lazy set-up of torch's fell into the first timed call on the H100:
+    # {5: (2, 10), 20: (1, 10)}), so allow that and no more.
+    for phase, (at5, at20) in zip(("inversion", "sampling"), zip(counts[5], counts[20])):
+        assert abs(at20 - at5) <= 1, (phase, counts)
 
 
 @cuda

@@ -190,3 +190,10 @@ def test_cuda_graphs_key(tiny_model_dir, tmp_path):
     assert cfg.hash() == cfg.replace(cuda_graphs=False).hash()  # it does not change the output
     tr = Translator(cfg, str(tmp_path), worker="test")
     assert not isinstance(tr.models.unet, GraphedUNet)  # CPU: eager
+    # The default, 'auto': on for CUDA unless compile is set (so compile alone is no conflict); eager here.
+    auto = load_config("tiny", {"model": str(tiny_model_dir), "device": "cpu"})
+    assert auto.cuda_graphs == "auto" and auto.hash() == cfg.hash()
+    assert not isinstance(Translator(auto, str(tmp_path), worker="test").models.unet, GraphedUNet)
+    assert load_config("tiny", {"model": str(tiny_model_dir), "compile": True}).cuda_graphs == "auto"
+    with pytest.raises(ConfigError, match="cuda_graphs='sometimes'"):
+        load_config("tiny", {"model": str(tiny_model_dir), "cuda_graphs": "sometimes"})
