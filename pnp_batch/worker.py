@@ -83,9 +83,10 @@ class Translator:
         self._prefetched: dict[str, tuple[torch.Tensor, dict]] = {}  # key -> features read ahead (prefetch)
         self._digests: dict[int, tuple[bytes, str]] = {}  # id(source bytes) -> (the bytes, sha256), from prefetch
         self.max_batch = self._max_batch()
-        # Sources inverted per UNet call. On a GPU a batch-1 call is launch-bound, so 4 cost little more
-        # than 1; but which sources share a batch then depends on the run (a resumed run batches
-        # others), and float rounding with it: 1, the default, keeps outputs byte-reproducible.
+        # Sources inverted per UNet call. On a GPU one image leaves the UNet call half idle, so 4 cost
+        # 1.8 times 1 (H100); calls are padded to that size (source_features_many), but whether a
+        # source's bits then stay the same whatever shares its call is verified per device (not on
+        # this CPU): 1, the default, keeps outputs byte-reproducible everywhere.
         self.inversion_batch = cfg.inversion_batch
         if self.models.device.type == "cuda":
             # cudnn_benchmark: cuDNN times its convolution algorithms once per shape and keeps the
@@ -159,8 +160,10 @@ class Translator:
         imgs = self.models.vae.decode(((1 / sf) * latents).to(self.models.dtype)).sample
         return to_uint8(imgs, self.cfg.quantize)
 
-    def _invert_batch(self, z0: torch.Tensor, inversion_prompt: str, on_step: Callable | None = None) -> torch.Tensor:
-        """(steps, B, 4, h, w) for B clean latents of one size."""
+    def _invert_batch(self, z0: torch.Tensor, inversion_prompt: str, on_step: Callable | None = None,
+                      sources: int | None = None) -> torch.Tensor:
+        """(steps, B, 4, h, w) for B clean latents of one size, of which the first `sources` (all by
+        default) are sources and the rest padding."""
         res = ddim_invert(
             self.models.unet,
             self.models.scheduler_config,
@@ -173,7 +176,7 @@ class Translator:
         )
         self.counters.invert_calls += res.unet_calls
         self.counters.invert_elements += res.batch_elements
-        self.counters.inversions += z0.shape[0]
+        self.counters.inversions += z0.shape[0] if sources is None else sources
         return res.latents
 
     def _key(self, sha: str, inversion_prompt: str) -> str:
@@ -186,9 +189,17 @@ class Translator:
         self, sources: list[tuple[bytes, str]]
     ) -> list[tuple[torch.Tensor, str, bool, float] | Exception]:
         """Features for several sources: store hits are loaded; the misses of one latent size and
-        inversion prompt are inverted together, `inversion_batch` sources per UNet call (on a GPU a
-        batch-1 UNet call is launch-bound: a batch of 4 costs little more than one). A source that
-        fails (unreadable image) gets its exception in its place; the others go on."""
+        inversion prompt are inverted together, `inversion_batch` sources per UNet call (one image
+        leaves a GPU half idle: on an H100 a call of 4 costs 1.8 times a call of 1). A source that
+        fails (unreadable image) gets its exception in its place; the others go on.
+
+        With `inversion_batch` > 1 every call is padded with zero latents to exactly that many rows.
+        The batch size picks the kernels, and with them the last bits of each row's result; a fixed
+        size keeps a source's latents from depending on how many sources happened to share its call
+        (a resumed run, another manifest). Which rows are its neighbours, and its position among
+        them, must not matter either: no kernel mixes rows, but whether a kernel treats every
+        position alike is the hardware's business (on the 2-core CPU here it does not at 8x8
+        latents; tests/test_gpu.py checks a GPU)."""
         results: list[Any] = [None] * len(sources)
         todo: dict[tuple, list[tuple[int, str, str, Any, torch.Tensor]]] = {}
         for i, (data, prompt) in enumerate(sources):
@@ -211,12 +222,16 @@ class Translator:
                 results[i] = e
                 continue
             todo.setdefault((tuple(z0.shape), prompt), []).append((i, sha, key, img.size, z0))
+        n = self.inversion_batch
         for (_, prompt), items in todo.items():
-            for start in range(0, len(items), self.inversion_batch):
-                chunk = items[start : start + self.inversion_batch]
+            for start in range(0, len(items), n):
+                chunk = items[start : start + n]
                 t0 = time.perf_counter()
                 try:
-                    latents = self._invert_batch(torch.cat([z for *_, z in chunk]), prompt)
+                    z0 = torch.cat([z for *_, z in chunk])
+                    if n > 1 and len(chunk) < n:  # a fixed batch size: see above
+                        z0 = torch.cat([z0, z0.new_zeros((n - len(chunk), *z0.shape[1:]))])
+                    latents = self._invert_batch(z0, prompt, sources=len(chunk))
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory: these sources' rows fail
                     for i, *_ in chunk:
                         results[i] = e

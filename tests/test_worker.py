@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 
 import numpy as np
 import torch
@@ -43,12 +44,33 @@ def test_same_size_sources_share_inversion_calls(tmp_path, tiny_models):
         one.injector.remove()
     assert isinstance(a[3], Exception) and isinstance(b[3], Exception)  # the bad source fails alone
     assert one.counters.invert_calls == 3 * STEPS and one.counters.invert_elements == 3 * STEPS
-    # the two 64x64 sources share one UNet call per step; the 96x64 one has its own
-    assert many.counters.invert_calls == 2 * STEPS and many.counters.invert_elements == 3 * STEPS
+    # the two 64x64 sources share one UNet call per step; the 96x64 one has its own; every call is
+    # padded to the 4 rows of inversion_batch
+    assert many.counters.invert_calls == 2 * STEPS and many.counters.invert_elements == 2 * 4 * STEPS
     assert many.counters.inversions == one.counters.inversions == 3
     for x, y in zip(a[:3], b[:3]):
         assert x[0].shape == y[0].shape and x[1] == y[1] and not x[2] and not y[2]
         assert torch.allclose(x[0], y[0], atol=1e-4)  # batch composition changes float rounding only
+
+
+def test_a_source_gets_the_same_latents_whatever_else_shares_its_inversion_call(tmp_path, tiny_models):
+    """inversion_batch 4: A alone, A with one other source, A with three: every call is 4 rows, so A
+    (first in each) gets the same bits. Unpadded, a batch of 1 and a batch of 2 round differently here."""
+    a, others = _png(10, (64, 64)), [_png(11 + i, (64, 64)) for i in range(3)]
+    tr = _translator(tmp_path, tiny_models, "pad", 4)
+    got = []
+    try:
+        for n in (0, 1, 3):
+            got.append(tr.source_features_many([(a, ""), *((o, "") for o in others[:n])])[0])
+            tr.flush()
+            shutil.rmtree(tmp_path / "pad" / "features")  # the next call inverts A again
+    finally:
+        tr.injector.remove()
+    assert [g[2] for g in got] == [False] * 3  # none came from the store
+    assert tr.counters.invert_calls == 3 * STEPS and tr.counters.invert_elements == 3 * 4 * STEPS
+    assert tr.counters.inversions == 1 + 2 + 4
+    for g in got[1:]:
+        assert torch.equal(got[0][0], g[0]), (got[0][0] - g[0]).abs().max()
 
 
 def test_process_many_returns_one_record_list_per_group(tmp_path, tiny_models):
