@@ -160,10 +160,9 @@ class Translator:
         imgs = self.models.vae.decode(((1 / sf) * latents).to(self.models.dtype)).sample
         return to_uint8(imgs, self.cfg.quantize)
 
-    def _invert_batch(self, z0: torch.Tensor, inversion_prompt: str, on_step: Callable | None = None,
-                      sources: int | None = None) -> torch.Tensor:
-        """(steps, B, 4, h, w) for B clean latents of one size, of which the first `sources` (all by
-        default) are sources and the rest padding."""
+    def _invert_batch(self, z0: torch.Tensor, inversion_prompt: str, sources: int,
+                      on_step: Callable | None = None) -> torch.Tensor:
+        """(steps, B, 4, h, w) for B clean latents of one size: the first `sources`, then padding."""
         res = ddim_invert(
             self.models.unet,
             self.models.scheduler_config,
@@ -176,7 +175,7 @@ class Translator:
         )
         self.counters.invert_calls += res.unet_calls
         self.counters.invert_elements += res.batch_elements
-        self.counters.inversions += z0.shape[0] if sources is None else sources
+        self.counters.inversions += sources
         return res.latents
 
     def _key(self, sha: str, inversion_prompt: str) -> str:
@@ -231,7 +230,7 @@ class Translator:
                     z0 = torch.cat([z for *_, z in chunk])
                     if n > 1 and len(chunk) < n:  # a fixed batch size: see above
                         z0 = torch.cat([z0, z0.new_zeros((n - len(chunk), *z0.shape[1:]))])
-                    latents = self._invert_batch(z0, prompt, sources=len(chunk))
+                    latents = self._invert_batch(z0, prompt, len(chunk))
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory: these sources' rows fail
                     for i, *_ in chunk:
                         results[i] = e
