@@ -7,7 +7,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -88,7 +87,8 @@ class Translator:
         # source's bits then stay the same whatever shares its call is verified per device (not on
         # this CPU): 1, the default, keeps outputs byte-reproducible everywhere.
         self.inversion_batch = cfg.inversion_batch
-        if self.models.device.type == "cuda":
+        on_cuda = self.models.device.type == "cuda"
+        if on_cuda:
             # cudnn_benchmark: cuDNN times its convolution algorithms once per shape and keeps the
             # fastest; near-ties can go either way in another process, and the output's last bits
             # with them. Off (the default), its heuristics choose the same algorithms every time, so
@@ -101,7 +101,6 @@ class Translator:
             self.models.unet = torch.compile(self.models.unet)
         # cuda_graphs 'auto' (the default): on for CUDA, unless compile is set. Measured on an H100
         # (docs/bench.md): 1.6x the images per minute of eager calls at K = 4, same images within 1 level.
-        on_cuda = self.models.device.type == "cuda"
         if cfg.cuda_graphs is True or (cfg.cuda_graphs == "auto" and on_cuda and not cfg.compile):
             if on_cuda:
                 self.models.unet = GraphedUNet(self.models.unet, self.injector.controller)
@@ -160,8 +159,7 @@ class Translator:
         imgs = self.models.vae.decode(((1 / sf) * latents).to(self.models.dtype)).sample
         return to_uint8(imgs, self.cfg.quantize)
 
-    def _invert_batch(self, z0: torch.Tensor, inversion_prompt: str, sources: int,
-                      on_step: Callable | None = None) -> torch.Tensor:
+    def _invert_batch(self, z0: torch.Tensor, inversion_prompt: str, sources: int) -> torch.Tensor:
         """(steps, B, 4, h, w) for B clean latents of one size: the first `sources`, then padding."""
         res = ddim_invert(
             self.models.unet,
@@ -171,7 +169,6 @@ class Translator:
             self.cfg.inversion_steps,
             self.timesteps,
             self.models.prediction_type,
-            on_step,
         )
         self.counters.invert_calls += res.unet_calls
         self.counters.invert_elements += res.batch_elements
@@ -227,10 +224,10 @@ class Translator:
                 chunk = items[start : start + n]
                 t0 = time.perf_counter()
                 try:
-                    z0 = torch.cat([z for *_, z in chunk])
+                    parts = [z for *_, z in chunk]
                     if n > 1 and len(chunk) < n:  # a fixed batch size: see above
-                        z0 = torch.cat([z0, z0.new_zeros((n - len(chunk), *z0.shape[1:]))])
-                    latents = self._invert_batch(z0, prompt, len(chunk))
+                        parts.append(parts[0].new_zeros((n - len(chunk), *parts[0].shape[1:])))
+                    latents = self._invert_batch(torch.cat(parts), prompt, len(chunk))
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory: these sources' rows fail
                     for i, *_ in chunk:
                         results[i] = e

@@ -370,16 +370,14 @@ class RayBackend:
                     continue
                 self.lost_groups += 1
                 msg = f"worker lost {task.attempt} times: {reason}"
-                yield [lost_record(r, self.req.cfg, self.model, task.slot.name, task.attempt, msg) for r in task.rows
-                       if not r.companion]
+                yield self._lost(task, msg)
                 continue
             except ray.exceptions.RayTaskError as e:  # process() raises only on bugs: fail the group, go on
                 msg = storage.redact(f"{type(e.cause).__name__ if e.cause else 'RayTaskError'}: "
                                      f"{str(e.cause or e).splitlines()[0] if str(e.cause or e) else ''}")[:500]
                 log.error("groups from %s failed on %s: %s", task.rows[0].image or task.rows[0].id,
                           task.slot.name, msg)
-                yield [lost_record(r, self.req.cfg, self.model, task.slot.name, task.attempt, msg) for r in task.rows
-                       if not r.companion]
+                yield self._lost(task, msg)
                 continue
             self.counters[task.slot.name] = out["counters"]
             yield out["records"]
@@ -413,6 +411,11 @@ class RayBackend:
             "dtype": first.get("dtype"),
             "model": first.get("fingerprint"),
         }
+
+    def _lost(self, task: _Task, msg: str) -> list[dict[str, Any]]:
+        """Failed records for the rows of a window that could not be translated (not its companions)."""
+        return [lost_record(r, self.req.cfg, self.model, task.slot.name, task.attempt, msg) for r in task.rows
+                if not r.companion]
 
     def stop(self) -> None:
         import ray
