@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +56,6 @@ def ddim_invert(
     inversion_steps: int,
     keep: list[int],
     prediction_type: str = "epsilon",
-    on_step: Callable[[int], None] | None = None,
 ) -> InversionOutput:
     """Walk the inversion timesteps upward from the clean latent, keeping x at every `keep` timestep.
 
@@ -66,6 +65,29 @@ def ddim_invert(
     The arithmetic follows the authors' code operation for operation (fp32 scalars from the
     scheduler's own alphas), so fp32 results match theirs.
     """
+    return ddim_invert_many(unet, scheduler_config, [latent], cond, inversion_steps, keep, prediction_type)[0]
+
+
+@torch.no_grad()
+def ddim_invert_many(
+    unet,
+    scheduler_config: dict,
+    latents: list[torch.Tensor],
+    cond: torch.Tensor,
+    inversion_steps: int,
+    keep: list[int],
+    prediction_type: str = "epsilon",
+    streams: list | None = None,
+) -> list[InversionOutput]:
+    """Several independent inversions (as :func:`ddim_invert`), advanced a step at a time in turn.
+
+    With `streams` (CUDA streams, one per latent) each inversion runs on its own stream, so the GPU
+    works on them side by side, filling what one small call leaves idle. Each gets exactly the result
+    it would get alone: the same kernels on the same inputs, only their order across streams differs.
+    The streams start after the work already queued on the current stream, which waits for them at
+    the end; the outputs are marked as used by it (the caching allocator must not hand their memory
+    back to a stream while the current one still reads it).
+    """
     sched = make_scheduler(scheduler_config, inversion_steps)
     ascending = [int(t) for t in reversed(sched.timesteps.tolist())]
     missing = [t for t in keep if t not in set(ascending)]
@@ -73,29 +95,58 @@ def ddim_invert(
         raise ConfigError(
             f"inversion timesteps ({inversion_steps} steps) do not contain the generation timesteps {missing[:5]}..."
         )
-    alphas = sched.alphas_cumprod
-    keep_set = set(keep)
-    kept: dict[int, torch.Tensor] = {}
-    x = latent.float()
-    batch = x.shape[0]
-    cond = cond.expand(batch, *cond.shape[1:]) if cond.shape[0] == 1 else cond
-    model_dtype = unet.dtype
-    ts = device_timesteps(ascending, x.device)
+    if streams is not None and len(streams) < len(latents):
+        raise ValueError(f"{len(latents)} inversions need as many streams, got {len(streams)}")
+    ts = device_timesteps(ascending, latents[0].device)
+    current = torch.cuda.current_stream(latents[0].device) if streams else None
+
+    def lane(j: int):
+        return torch.cuda.stream(streams[j]) if streams else nullcontext()
+
+    for s in streams[: len(latents)] if streams else ():
+        s.wait_stream(current)
+    walks = []
+    for j, z in enumerate(latents):
+        with lane(j):
+            walks.append(_Walk(z, cond, keep))
     for i, t in enumerate(ascending):
-        a_t = alphas[t]
-        a_prev = alphas[ascending[i - 1]] if i > 0 else sched.final_alpha_cumprod
+        a_t = sched.alphas_cumprod[t]
+        a_prev = sched.alphas_cumprod[ascending[i - 1]] if i > 0 else sched.final_alpha_cumprod
+        for j, w in enumerate(walks):
+            with lane(j):
+                w.step(unet, ts[i], t, a_t, a_prev, prediction_type)
+    outs = []
+    for j, w in enumerate(walks):
+        with lane(j):
+            stacked = torch.stack([w.kept[t] for t in keep])
+        if streams:
+            current.wait_stream(streams[j])
+            stacked.record_stream(current)
+        outs.append(InversionOutput(stacked, list(keep), len(ascending), len(ascending) * w.x.shape[0]))
+    return outs
+
+
+class _Walk:
+    """One inversion in progress: x so far and the latents kept at the `keep` timesteps."""
+
+    def __init__(self, latent: torch.Tensor, cond: torch.Tensor, keep: list[int]) -> None:
+        self.x = latent.float()
+        batch = self.x.shape[0]
+        self.cond = cond.expand(batch, *cond.shape[1:]) if cond.shape[0] == 1 else cond
+        self.keep = set(keep)
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def step(self, unet, t_device: torch.Tensor, t: int, a_t: torch.Tensor, a_prev: torch.Tensor,
+             prediction_type: str) -> None:
+        x = self.x
         mu, mu_prev = a_t**0.5, a_prev**0.5
         sigma, sigma_prev = (1 - a_t) ** 0.5, (1 - a_prev) ** 0.5
-        out = unet(x.to(model_dtype), ts[i], encoder_hidden_states=cond).sample.float()
+        out = unet(x.to(unet.dtype), t_device, encoder_hidden_states=self.cond).sample.float()
         eps = eps_from_output(out, x, a_t, prediction_type)
         pred_x0 = (x - sigma_prev * eps) / mu_prev
-        x = mu * pred_x0 + sigma * eps
-        if t in keep_set:
-            kept[t] = x
-        if on_step is not None:
-            on_step(i)
-    stacked = torch.stack([kept[t] for t in keep])
-    return InversionOutput(stacked, list(keep), len(ascending), len(ascending) * batch)
+        self.x = mu * pred_x0 + sigma * eps
+        if t in self.keep:
+            self.kept[t] = self.x
 
 
 @torch.no_grad()

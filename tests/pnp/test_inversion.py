@@ -83,3 +83,28 @@ def test_v_prediction_models_invert_and_sample(tiny_models, embed):
     finally:
         injector.remove()
     assert torch.isfinite(out.latents).all()
+
+
+def test_interleaved_inversions_equal_each_alone(tiny_models, embed):
+    """ddim_invert_many advances several inversions a step at a time in turn (on CUDA each on its own
+    stream): each gets the bits it gets alone, whatever its batch size or its neighbours."""
+    from pnp_batch.pnp.inversion import ddim_invert_many
+
+    g = torch.Generator().manual_seed(3)
+    sc, cond, keep = tiny_models.scheduler_config, embed([""]), generation_timesteps(4)
+    latents = [torch.randn(1, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g),
+               torch.randn(1, 4, 8, 8, generator=g)]
+    calls = []
+    hook = tiny_models.unet.register_forward_pre_hook(lambda _m, args, kw: calls.append(kw["encoder_hidden_states"].shape[0]),
+                                                      with_kwargs=True)
+    try:
+        many = ddim_invert_many(tiny_models.unet, sc, latents, cond, 4, keep)
+    finally:
+        hook.remove()
+    assert calls == [1, 2, 1] * 4  # step by step, in turn
+    for z, out in zip(latents, many):
+        alone = ddim_invert(tiny_models.unet, sc, z, cond, 4, keep)
+        assert torch.equal(out.latents, alone.latents)
+        assert (out.unet_calls, out.batch_elements) == (4, 4 * z.shape[0])
+    with pytest.raises(ValueError, match="3 inversions need as many streams, got 2"):
+        ddim_invert_many(tiny_models.unet, sc, latents, cond, 4, keep, streams=[object(), object()])
