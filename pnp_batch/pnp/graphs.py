@@ -33,28 +33,35 @@ log = logging.getLogger(__name__)
 
 
 class CudaGraphBackend:
-    """Records `fn` into a torch.cuda.CUDAGraph; every graph shares one memory pool.
+    """Records `fn` into a torch.cuda.CUDAGraph, with one memory pool per CUDA stream.
 
-    Sharing is safe here because replays never overlap and the wrapper copies a graph's output
-    out of the pool before any other graph can run.
+    Graphs replayed on one stream share its pool: their replays never overlap there, and the
+    wrapper copies a graph's output out of the pool before the next replay. Graphs on different
+    streams (inversions run side by side, pnp.inversion.ddim_invert_many) may run at the same time,
+    so each stream's graphs get a pool of their own.
     """
 
     warmup_calls = 2  # on a side stream, as torch requires before capture (lazy init, cuDNN/cuBLAS choices)
 
     def __init__(self) -> None:
-        self.pool = None
+        self.pools: dict[int, Any] = {}
 
-    def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+    def lane(self, sample: torch.Tensor) -> int:
+        """The stream this call is queued on: graphs and their pools are kept per stream."""
+        return torch.cuda.current_stream(sample.device).cuda_stream
+
+    def capture(self, fn: Callable[[], torch.Tensor], lane: int) -> tuple[Callable[[], None], torch.Tensor]:
+        current = torch.cuda.current_stream()
         side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(self.warmup_calls):
                 fn()
-        torch.cuda.current_stream().wait_stream(side)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+        current.wait_stream(side)
+        if lane not in self.pools:
+            self.pools[lane] = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pools[lane]):
             out = fn()
         return graph.replay, out
 
@@ -131,11 +138,12 @@ class GraphedUNet(torch.nn.Module):
         if state is None or not torch.is_tensor(timestep) or encoder_hidden_states is None:
             self.eager_calls += 1
             return self.module(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
+        lane = self.backend.lane(sample)
         key = (tuple(sample.shape), sample.dtype, tuple(timestep.shape), timestep.dtype,
-               tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype, state)
+               tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype, state, lane)
         g = self.graphs.get(key)
         if g is None:
-            g = self._capture(key, sample, timestep, encoder_hidden_states)
+            g = self._capture(key, sample, timestep, encoder_hidden_states, lane)
             if g is None:
                 self.eager_calls += 1
                 return self.module(sample, timestep, encoder_hidden_states=encoder_hidden_states)
@@ -146,7 +154,8 @@ class GraphedUNet(torch.nn.Module):
         self.replays += 1
         return _Output(g.out.clone())  # the pool is reused by the next replay
 
-    def _capture(self, key: tuple, sample: torch.Tensor, timestep: torch.Tensor, emb: torch.Tensor) -> _Graph | None:
+    def _capture(self, key: tuple, sample: torch.Tensor, timestep: torch.Tensor, emb: torch.Tensor,
+                 lane: int) -> _Graph | None:
         if self.recorded >= self.max_graphs:  # drop the oldest, of this set if it has any
             victims = self.graphs or next(g for g in self._sets.values() if g)
             victims.pop(next(iter(victims)))
@@ -154,7 +163,7 @@ class GraphedUNet(torch.nn.Module):
         c = self.controller
         keep = (c.conv_rows, c.attn_rows) if c is not None else ()
         try:
-            replay, out = self.backend.capture(lambda: self.module(s, t, encoder_hidden_states=e).sample)
+            replay, out = self.backend.capture(lambda: self.module(s, t, encoder_hidden_states=e).sample, lane)
         except Exception as exc:  # noqa: BLE001 - graphs are an optimisation: fall back to eager calls
             self.failed = f"{type(exc).__name__}: {exc}"
             log.warning("CUDA graph capture failed (%s); running the UNet eagerly from here on", self.failed)

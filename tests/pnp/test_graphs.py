@@ -29,8 +29,12 @@ class ReplayBackend:
         self.controller = controller
         self.fail = fail
         self.captures = 0
+        self.current_lane = 0
 
-    def capture(self, fn):
+    def lane(self, sample) -> int:
+        return self.current_lane
+
+    def capture(self, fn, lane):
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures += 1
@@ -197,3 +201,34 @@ def test_cuda_graphs_key(tiny_model_dir, tmp_path):
     assert load_config("tiny", {"model": str(tiny_model_dir), "compile": True}).cuda_graphs == "auto"
     with pytest.raises(ConfigError, match="cuda_graphs='sometimes'"):
         load_config("tiny", {"model": str(tiny_model_dir), "cuda_graphs": "sometimes"})
+
+
+def test_graphs_are_kept_per_stream(pnp_unet, tiny_models, embed):
+    """Inversions side by side on CUDA streams (ddim_invert_many) may replay at the same time, so each
+    stream records its own graph (own static tensors and memory pool) even for the same shape."""
+    from pnp_batch.pnp.inversion import ddim_invert_many
+
+    unet, injector = pnp_unet
+    sc, cond, keep = tiny_models.scheduler_config, embed([""]), generation_timesteps(STEPS)
+    backend = ReplayBackend(injector.controller)
+    graphed = GraphedUNet(unet, injector.controller, backend)
+
+    class Lanes(torch.nn.Module):  # what torch.cuda.stream(s) does for CudaGraphBackend.lane: calls alternate
+        def __init__(self) -> None:
+            super().__init__()
+            self.graphed, self.calls = graphed, 0
+
+        @property
+        def dtype(self):
+            return graphed.dtype
+
+        def forward(self, *args, **kwargs):
+            backend.current_lane = self.calls % 2
+            self.calls += 1
+            return self.graphed(*args, **kwargs)
+
+    z0s = _sources(2)
+    got = ddim_invert_many(Lanes(), sc, z0s, cond, STEPS, keep)
+    assert backend.captures == 2 and len(graphed.graphs) == 2 and graphed.replays == 2 * STEPS
+    for z0, out in zip(z0s, got):
+        assert torch.equal(out.latents, ddim_invert(unet, sc, z0, cond, STEPS, keep).latents)
