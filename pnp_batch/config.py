@@ -57,6 +57,7 @@ class PipelineConfig:
     quantize: str = "round"
     batch_size: int | str = "auto"
     inversion_batch: int = 1
+    inversion_streams: int = 1
     max_pixels: int = 64_000_000
     compile: bool = False
     channels_last: bool = False
@@ -73,11 +74,17 @@ class PipelineConfig:
     def hash(self) -> str:
         """A short stable hash of every setting that changes the output image."""
         d = self.to_dict()
-        for k in ("name", "device", "batch_size", "inversion_batch", "compile", "channels_last", "cuda_graphs",
-                  "cudnn_benchmark", "max_pixels"):
+        for k in ("name", "device", "batch_size", "inversion_batch", "inversion_streams", "compile", "channels_last",
+                  "cuda_graphs", "cudnn_benchmark", "max_pixels"):
             d.pop(k, None)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def window(self) -> int:
+        """Sources a worker inverts at once: `inversion_batch` per UNet call, `inversion_streams`
+        calls side by side. The engines hand a worker windows of this many groups."""
+        return self.inversion_batch * self.inversion_streams
 
     def replace(self, **changes: Any) -> PipelineConfig:
         return dataclasses.replace(self, **changes)
@@ -149,6 +156,8 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"batch_size={cfg.batch_size!r} must be 'auto' or a whole number >= 3 (UNet batch elements)")
     if not isinstance(cfg.inversion_batch, int) or not 1 <= cfg.inversion_batch <= 64:
         raise ConfigError(f"inversion_batch={cfg.inversion_batch!r} must be a whole number from 1 to 64")
+    if not isinstance(cfg.inversion_streams, int) or not 1 <= cfg.inversion_streams <= 16:
+        raise ConfigError(f"inversion_streams={cfg.inversion_streams!r} must be a whole number from 1 to 16")
     if cfg.cuda_graphs not in (True, False, "auto"):
         raise ConfigError(f"cuda_graphs={cfg.cuda_graphs!r} must be true, false or 'auto' (on for CUDA devices)")
     if cfg.compile and cfg.cuda_graphs is True:

@@ -23,7 +23,7 @@ from pnp_batch.images import decode_image, encode_image, resize_source
 from pnp_batch.models import TEST_MODEL_NOTE, Models, load_models
 from pnp_batch.pnp.graphs import GraphedUNet
 from pnp_batch.pnp.injection import PnPInjector
-from pnp_batch.pnp.inversion import ddim_invert
+from pnp_batch.pnp.inversion import ddim_invert_many
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
 from pnp_batch.records import resolve, row_record
 from pnp_batch.rows import Row
@@ -88,6 +88,13 @@ class Translator:
         # this CPU): 1, the default, keeps outputs byte-reproducible everywhere.
         self.inversion_batch = cfg.inversion_batch
         on_cuda = self.models.device.type == "cuda"
+        # inversion_streams: that many inversion calls run side by side, each on its own CUDA stream,
+        # to fill what one batch-1 call leaves idle. Unlike a bigger batch this leaves every source's
+        # result exactly as when inverted alone (the same kernels on the same inputs). Elsewhere the
+        # calls simply take turns.
+        self.inversion_streams = cfg.inversion_streams
+        self._streams = [torch.cuda.Stream(self.models.device) for _ in range(cfg.inversion_streams)] \
+            if on_cuda and cfg.inversion_streams > 1 else None
         if on_cuda:
             # cudnn_benchmark: cuDNN times its convolution algorithms once per shape and keeps the
             # fastest; near-ties can go either way in another process, and the output's last bits
@@ -106,6 +113,11 @@ class Translator:
                 self.models.unet = GraphedUNet(self.models.unet, self.injector.controller)
             else:
                 log.info("cuda_graphs applies to CUDA devices only; the UNet on %s runs eagerly", self.models.device)
+
+    @property
+    def window(self) -> int:
+        """Sources inverted at once (PipelineConfig.window): the engines' window of groups."""
+        return self.inversion_batch * self.inversion_streams
 
     # -- text ------------------------------------------------------------------------------
     def embed(self, prompts: list[str]) -> torch.Tensor:
@@ -159,21 +171,23 @@ class Translator:
         imgs = self.models.vae.decode(((1 / sf) * latents).to(self.models.dtype)).sample
         return to_uint8(imgs, self.cfg.quantize)
 
-    def _invert_batch(self, z0: torch.Tensor, inversion_prompt: str, sources: int) -> torch.Tensor:
-        """(steps, B, 4, h, w) for B clean latents of one size: the first `sources`, then padding."""
-        res = ddim_invert(
+    def _invert(self, batches: list[torch.Tensor], inversion_prompt: str, sources: int) -> list[torch.Tensor]:
+        """(steps, B, 4, h, w) for each batch of B clean latents of one size, the batches side by side
+        (`inversion_streams`); `sources` of all their rows are sources, the rest padding."""
+        outs = ddim_invert_many(
             self.models.unet,
             self.models.scheduler_config,
-            z0,
+            batches,
             self.embed([inversion_prompt]),
             self.cfg.inversion_steps,
             self.timesteps,
             self.models.prediction_type,
+            self._streams,
         )
-        self.counters.invert_calls += res.unet_calls
-        self.counters.invert_elements += res.batch_elements
+        self.counters.invert_calls += sum(o.unet_calls for o in outs)
+        self.counters.invert_elements += sum(o.batch_elements for o in outs)
         self.counters.inversions += sources
-        return res.latents
+        return [o.latents for o in outs]
 
     def _key(self, sha: str, inversion_prompt: str) -> str:
         key = feature_key(sha, self.models.fingerprint, str(self.models.dtype).removeprefix("torch."), self.cfg)
@@ -186,8 +200,9 @@ class Translator:
     ) -> list[tuple[torch.Tensor, str, bool, float] | Exception]:
         """Features for several sources: store hits are loaded; the misses of one latent size and
         inversion prompt are inverted together, `inversion_batch` sources per UNet call (one image
-        leaves a GPU half idle: on an H100 a call of 4 costs 1.8 times a call of 1). A source that
-        fails (unreadable image) gets its exception in its place; the others go on.
+        leaves a GPU half idle: on an H100 a call of 4 costs 1.8 times a call of 1) and
+        `inversion_streams` such calls side by side. A source that fails (unreadable image) gets its
+        exception in its place; the others go on.
 
         With `inversion_batch` > 1 every call is padded with zero latents to exactly that many rows.
         The batch size picks the kernels, and with them the last bits of each row's result; a fixed
@@ -220,25 +235,33 @@ class Translator:
             todo.setdefault((tuple(z0.shape), prompt), []).append((i, sha, key, img.size, z0))
         n = self.inversion_batch
         for (_, prompt), items in todo.items():
-            for start in range(0, len(items), n):
-                chunk = items[start : start + n]
+            chunks = [items[start : start + n] for start in range(0, len(items), n)]
+            for first in range(0, len(chunks), self.inversion_streams):
+                side_by_side = chunks[first : first + self.inversion_streams]
+                sources = sum(map(len, side_by_side))
                 t0 = time.perf_counter()
                 try:
-                    parts = [z for *_, z in chunk]
-                    if n > 1 and len(chunk) < n:  # a fixed batch size: see above
-                        parts.append(parts[0].new_zeros((n - len(chunk), *parts[0].shape[1:])))
-                    latents = self._invert_batch(torch.cat(parts), prompt, len(chunk))
+                    batches = []
+                    for chunk in side_by_side:
+                        parts = [z for *_, z in chunk]
+                        if n > 1 and len(chunk) < n:  # a fixed batch size: see above
+                            parts.append(parts[0].new_zeros((n - len(chunk), *parts[0].shape[1:])))
+                        batches.append(torch.cat(parts))
+                    latents = self._invert(batches, prompt, sources)
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory: these sources' rows fail
-                    for i, *_ in chunk:
-                        results[i] = e
+                    for chunk in side_by_side:
+                        for i, *_ in chunk:
+                            results[i] = e
                     continue
-                for j, (i, sha, key, size, _) in enumerate(chunk):
-                    lat = latents[:, j : j + 1]
-                    meta = {"image_sha256": sha, "model": self.models.fingerprint, "dtype": str(self.models.dtype),
-                            "inversion_prompt": prompt, "timesteps": self.timesteps, "width": size[0],
-                            "height": size[1]}
-                    self._store_features(key, lat, meta)
-                    results[i] = (lat, key, False, (time.perf_counter() - t0) / len(chunk))
+                seconds = (time.perf_counter() - t0) / sources
+                for chunk, lat_chunk in zip(side_by_side, latents):
+                    for j, (i, sha, key, size, _) in enumerate(chunk):
+                        lat = lat_chunk[:, j : j + 1]
+                        meta = {"image_sha256": sha, "model": self.models.fingerprint,
+                                "dtype": str(self.models.dtype), "inversion_prompt": prompt,
+                                "timesteps": self.timesteps, "width": size[0], "height": size[1]}
+                        self._store_features(key, lat, meta)
+                        results[i] = (lat, key, False, seconds)
         return results
 
     def _sha256(self, data: bytes) -> str:

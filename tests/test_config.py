@@ -44,6 +44,7 @@ def test_generation_timesteps_match_sd():
         ("guidance_scale=abc", "must be a number"),
         ("steps", "must be KEY=VALUE"),
         ("inversion_batch=0", "inversion_batch=0 must be a whole number from 1 to 64"),
+        ("inversion_streams=0", "inversion_streams=0 must be a whole number from 1 to 16"),
     ],
 )
 def test_bad_config_is_an_error_with_a_message(override, message):
@@ -68,6 +69,6 @@ def test_unknown_preset_and_missing_file(tmp_path):
 
 def test_config_hash_ignores_runtime_keys():
     a = load_config("tiny")
-    assert a.hash() == a.replace(device="cpu", batch_size=5).hash()
+    assert a.hash() == a.replace(device="cpu", batch_size=5, inversion_streams=4).hash()
     assert a.hash() != a.replace(pnp_f_t=0.5).hash()
     assert isinstance(a, PipelineConfig)

@@ -25,10 +25,11 @@ def _png(seed: int, size: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-def _translator(tmp_path, tiny_models, name: str, inversion_batch: int) -> Translator:
+def _translator(tmp_path, tiny_models, name: str, inversion_batch: int, inversion_streams: int = 1) -> Translator:
     cfg = load_config("tiny", {"steps": STEPS, "inversion_steps": STEPS, "resolution": 64})
     tr = Translator(cfg, str(tmp_path / name), models=tiny_models, worker=name)
     tr.inversion_batch = inversion_batch
+    tr.inversion_streams = inversion_streams
     return tr
 
 
@@ -71,6 +72,54 @@ def test_a_source_gets_the_same_latents_whatever_else_shares_its_inversion_call(
     assert tr.counters.inversions == 1 + 2 + 4
     for g in got[1:]:
         assert torch.equal(got[0][0], g[0]), (got[0][0] - g[0]).abs().max()
+
+
+def test_inversion_streams_invert_every_source_as_if_alone(tmp_path, tiny_models):
+    """inversion_streams 2 (CUDA streams side by side; here the calls take turns): the same UNet calls
+    as one source at a time, and the same bits, with or without inversion_batch."""
+    sources = [(_png(20 + i, (64, 64)), "") for i in range(3)] + [(_png(23, (96, 64)), "")]
+    got = {}
+    for batch, streams in ((1, 1), (1, 2), (2, 1), (2, 2)):
+        tr = _translator(tmp_path, tiny_models, f"b{batch}s{streams}", batch, streams)
+        try:
+            got[batch, streams] = tr.source_features_many(sources)
+        finally:
+            tr.injector.remove()
+        calls = 4 * STEPS if batch == 1 else 3 * STEPS  # 64x64: [2 sources] + [1 + padding]; 96x64 alone
+        assert (tr.counters.invert_calls, tr.counters.invert_elements) == (calls, batch * calls)
+        assert tr.counters.inversions == 4 and tr.window == batch * streams
+    for batch in (1, 2):
+        for x, y in zip(got[batch, 1], got[batch, 2]):
+            assert x[1] == y[1] and torch.equal(x[0], y[0])
+
+
+def test_the_local_engine_hands_out_windows_of_inversion_batch_times_streams(tmp_path, monkeypatch):
+    from pnp_batch.cli import main
+
+    (tmp_path / "in").mkdir()
+    lines = ["id,image,source_prompt,target_prompt"]
+    for s in range(3):
+        (tmp_path / "in" / f"src{s}.png").write_bytes(_png(30 + s, (64, 64)))
+        lines += [f"s{s}-t{k},src{s}.png,a photo,a painting {k}" for k in range(2)]
+    (tmp_path / "in" / "m.csv").write_text("\n".join(lines) + "\n")
+    windows = []
+    start_many = Translator.start_many
+
+    def recording(self, groups, *args, **kwargs):
+        windows.append(len(groups))
+        return start_many(self, groups, *args, **kwargs)
+
+    monkeypatch.setattr(Translator, "start_many", recording)
+    fast = ["--pipeline", "tiny", "--set", f"steps={STEPS}", "--set", f"inversion_steps={STEPS}",
+            "--set", "resolution=64"]
+    for name, streams in (("one", 1), ("two", 2)):
+        args = ["run", str(tmp_path / "in" / "m.csv"), "--out", str(tmp_path / name), *fast]
+        assert main([*args, "--set", f"inversion_streams={streams}"]) == 0
+    assert windows == [1, 1, 1, 2, 1]
+    names = sorted(p.name for p in (tmp_path / "one" / "images").iterdir())
+    assert len(names) == 6 and names == sorted(p.name for p in (tmp_path / "two" / "images").iterdir())
+    for n in names:
+        assert (tmp_path / "one" / "images" / n).read_bytes() == (tmp_path / "two" / "images" / n).read_bytes()
 
 
 def test_process_many_returns_one_record_list_per_group(tmp_path, tiny_models):
@@ -138,7 +187,7 @@ def test_local_engine_writes_one_window_while_the_next_is_on_the_gpu():
     events: list[str] = []
 
     class FakeTranslator:
-        inversion_batch = 1
+        window = 1
 
         def prefetch(self, group):
             return group

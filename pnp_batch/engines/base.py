@@ -130,9 +130,10 @@ def work_groups(manifest: Manifest, done: dict[str, str], req: RunRequest,
 
 
 def windows(groups: Iterator[list[Row]], size: int) -> Iterator[list[list[Row]]]:
-    """Consecutive windows of `size` groups, the unit a worker translates at once (the pipeline key
-    `inversion_batch`: their inversions share UNet calls). Both engines cut the same windows from the
-    same group stream, so the same sources share a batch on either."""
+    """Consecutive windows of `size` groups, the unit a worker translates at once (PipelineConfig.window:
+    their sources are inverted at once, `inversion_batch` per UNet call and `inversion_streams` calls
+    side by side). Both engines cut the same windows from the same group stream, so the same sources
+    share a batch on either."""
     window: list[list[Row]] = []
     for g in groups:
         window.append(g)

@@ -41,10 +41,10 @@ class LocalBackend:
         self.translator = Translator(req.cfg, req.out, req.features_uri, worker="local")
 
     def map_groups(self, groups: Iterator[list[Row]]) -> Iterator[list[dict[str, Any]]]:
-        """Windows of `inversion_batch` groups (their inversions share UNet calls). While one window is
+        """Windows of `PipelineConfig.window` groups (inverted at once). While one window is
         on the GPU, the next one's source bytes and stored features are read and the previous one's
         images are written (threads); a window's records are yielded once its images are written."""
-        size = self.translator.inversion_batch
+        size = self.translator.window
         writing: list | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
             for window in _read_ahead(windows(groups, size), pool, self.translator.prefetch):

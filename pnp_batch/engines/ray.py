@@ -92,7 +92,7 @@ class TranslatorWorker:
         return out
 
     def process(self, groups: list[list[Row]], attempt: int) -> dict[str, Any]:
-        """Translate a window of groups (their inversions share UNet calls, `inversion_batch`); returns
+        """Translate a window of groups (inverted at once, PipelineConfig.window); returns
         their records and this worker's counters so far."""
         groups = [self.translator.prefetch(g) for g in groups]  # I/O outside the lock: overlaps sampling now
         with self.lock:
@@ -325,7 +325,7 @@ class RayBackend:
         loss = _loss_types()
         retry: deque[tuple[list[list[Row]], int, str]] = deque()
         tasks: dict[Any, _Task] = {}
-        source = windows(groups, self.req.cfg.inversion_batch)
+        source = windows(groups, self.req.cfg.window)
         exhausted = False
         while True:
             # 1. fill every ready worker up to its bound; retries first, then new groups, lazily
