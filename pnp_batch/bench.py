@@ -358,6 +358,7 @@ class Bench:
             steps=s["steps"], inversion_steps=s["steps"], batch_size=max(3, 2 * max(s["k"]) + 1),
             compile=bool(self.args.compile), channels_last=bool(getattr(self.args, "channels_last", False)),
             inversion_batch=int(getattr(self.args, "inversion_batch", None) or 1),
+            inversion_streams=int(getattr(self.args, "inversion_streams", None) or 1),
             cuda_graphs="auto" if graphs is None else graphs,  # auto: on for CUDA unless --compile
             cudnn_benchmark=bool(getattr(self.args, "cudnn_benchmark", False)),
             name=f"bench-{self.args.arch}",
@@ -663,7 +664,8 @@ def format_table(out: dict[str, Any]) -> str:
             f"pnp-batch bench: arch={cfg['arch']} device={out['device']} dtype={cfg['dtype']} "
             f"resolution={cfg['resolution']} steps={cfg['steps']} reference_inversion_steps="
             f"{cfg['reference_inversion_steps']} sources={cfg['sources']} K={cfg['k']} compile={cfg['compile']} "
-            f"inversion_batch={cfg.get('inversion_batch', 1)} cuda_graphs={cfg.get('cuda_graphs')} "
+            f"inversion_batch={cfg.get('inversion_batch', 1)} inversion_streams={cfg.get('inversion_streams', 1)} "
+            f"cuda_graphs={cfg.get('cuda_graphs')} "
             f"cudnn_benchmark={cfg.get('cudnn_benchmark', False)}"
         ),
         f"  {cfg['threads']}; peak memory: {cfg['peak_memory_kind']}",
@@ -760,6 +762,7 @@ def run_bench(args) -> int:
             "compile": compile_stats or False,
             "channels_last": bool(getattr(args, "channels_last", False)),
             "inversion_batch": int(getattr(args, "inversion_batch", None) or 1),
+            "inversion_streams": int(getattr(args, "inversion_streams", None) or 1),
             "cuda_graphs": _graph_use(b.unet),
             "cudnn_benchmark": bool(getattr(args, "cudnn_benchmark", False)),
             "guidance_scale": b.cfg.guidance_scale,

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cudnn-benchmark", action="store_true",
                    help="let cuDNN time its algorithms per shape (pipeline key cudnn_benchmark; CUDA)")
     b.add_argument("--inversion-batch", type=int, default=1, help="sources inverted per UNet call (pipeline key)")
+    b.add_argument("--inversion-streams", type=int, default=1,
+                   help="inversion calls run side by side on CUDA streams (pipeline key inversion_streams)")
     b.add_argument("--json", default=None, help="write the figures as JSON here")
     b.add_argument("--data", action="store_true", help="also run the data-plane benchmarks")
     return p

@@ -215,3 +215,58 @@ def test_padded_inversion_calls_are_invariant_sd21_base_512(tmp_path):
     cfg = PipelineConfig(model="random:sd21-base", device="cuda", dtype="float16", resolution=512, steps=2,
                          inversion_steps=2, inversion_batch=4)
     _padded_inversion_is_invariant(tmp_path, cfg, models)
+
+
+def _streams_invert_as_alone(tmp_path, cfg, models=None) -> None:
+    """inversion_streams 4: 4 sources inverted side by side on CUDA streams must get exactly the bits
+    each gets inverted alone on the current stream (the same kernels; a missing wait between streams,
+    or two streams sharing a graph's memory, shows here as different bits)."""
+    import shutil
+
+    from pnp_batch.worker import Translator
+
+    rng = np.random.default_rng(5)
+    srcs = []
+    for _ in range(4):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((cfg.resolution,) * 2).save(buf, "PNG")
+        srcs.append(buf.getvalue())
+    tr = Translator(cfg.replace(inversion_streams=4), str(tmp_path), worker="test", models=models)
+    assert tr._streams is not None and len(tr._streams) == 4
+
+    def invert(order: list[int]) -> dict[int, torch.Tensor]:
+        got = tr.source_features_many([(srcs[i], "") for i in order])
+        tr.flush()
+        shutil.rmtree(tmp_path / "features", ignore_errors=True)  # the next call inverts again
+        assert not any(g[2] for g in got)
+        return {i: g[0].clone() for i, g in zip(order, got)}
+
+    streams = tr._streams
+    tr._streams, tr.inversion_streams = None, 1
+    alone = {i: invert([i])[i] for i in range(4)}
+    tr._streams, tr.inversion_streams = streams, 4
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 0, 1, 3]):  # the second and later replay recorded graphs
+        for i, lat in invert(order).items():
+            assert torch.equal(lat, alone[i]), (order, i, (lat.float() - alone[i].float()).abs().max().item())
+    tr.injector.remove()
+
+
+@cuda
+@pytest.mark.parametrize("graphs", [True, False])
+def test_inversion_streams_give_each_source_its_result_alone_tiny(tmp_path, tiny_model_dir, graphs):
+    from pnp_batch.config import load_config
+
+    cfg = load_config("tiny", {"model": str(tiny_model_dir), "device": "cuda", "dtype": "float16", "steps": 10,
+                               "inversion_steps": 10, "resolution": 128, "cuda_graphs": graphs})
+    _streams_invert_as_alone(tmp_path, cfg)
+
+
+@cuda
+def test_inversion_streams_give_each_source_its_result_alone_sd21_base_512(tmp_path):
+    from pnp_batch.archs import build_random_models
+    from pnp_batch.config import PipelineConfig
+
+    models = build_random_models("sd21-base", "cuda", torch.float16, seed=0)
+    cfg = PipelineConfig(model="random:sd21-base", device="cuda", dtype="float16", resolution=512, steps=5,
+                         inversion_steps=5)
+    _streams_invert_as_alone(tmp_path, cfg, models)

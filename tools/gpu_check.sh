@@ -4,7 +4,7 @@
 # $OUT): nvidia-smi.txt, pip.txt, imports.txt and bench*.txt.
 # Budget on an H100: the check proper (GPU tests ~1 min, the main bench ~2 min with the default CUDA
 # graphs) under five minutes; then under a minute for each option measured (QUICK=1 skips them). The
-# step timeouts add up to 580 s, so the whole script fits one 600 s device call.
+# step timeouts add up to 560 s, so the whole script fits one 600 s device call.
 set -u
 OUT="${OUT:-./gpu-out}"
 # A device call returns at most 8 files: the logs beside the JSON go to $AUX (default $OUT), and the
@@ -34,9 +34,10 @@ fi
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
   || { echo "gpu_check: torch has no CUDA here"; exit 4; }
 
-# The GPU tests first (a minute): fp16/fp32 against the CPU, no host-device sync per step, CUDA graphs
-# replaying the eager images, the same bytes from two processes, the bench on cuda.
-timeout 120 "$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_bench.py -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
+# The GPU tests first (a minute or two): fp16/fp32 against the CPU, no host-device sync per step, CUDA
+# graphs replaying the eager images, the same bytes from two processes, inversion_batch's padded calls
+# and inversion_streams' side-by-side inversions giving each source its own bits, the bench on cuda.
+timeout 150 "$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_bench.py -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
 echo "gpu tests exit status $?"
 tail -5 "$OUT/gpu-tests.txt"
 
@@ -47,21 +48,19 @@ timeout 160 "${BENCH[@]}" --k 1 --k 4 --sources 2 --json "$OUT/bench.json" 2>&1 
 echo "bench exit status ${PIPESTATUS[0]}"
 if [ "${QUICK:-0}" != 1 ]; then  # QUICK=1: the check proper only (under five minutes)
 # Then K=4 with the opt-in speed keys, in order of interest (a shorter reference, extrapolated per
-# UNet call; if the device call's own limit cuts the last one short, the earlier files are kept):
-#   eager UNet calls (what the default cuda_graphs gains); channels_last; inversion_batch 4 (4 sources
-#   per inversion call); cudnn_benchmark (what the deterministic default costs).
-timeout 80 "${BENCH[@]}" --k 4 --sources 2 --reference-inversion-steps 100 --no-cuda-graphs \
-  --json "$OUT/bench-eager.json" 2>&1 | tee "$AUX/bench-eager.txt"
-echo "bench (eager) exit status ${PIPESTATUS[0]}"
-timeout 70 "${BENCH[@]}" --k 4 --sources 2 --reference-inversion-steps 100 --channels-last \
-  --json "$OUT/bench-channels-last.json" 2>&1 | tee "$AUX/bench-channels-last.txt"
-echo "bench (channels_last) exit status ${PIPESTATUS[0]}"
+# UNet call; if the device call's own limit cuts the last one short, the earlier files are kept).
+# Per-image costs do not depend on the number of sources (2 or 4: same floor seconds per image).
+#   inversion_streams 4 (4 sources inverted side by side on CUDA streams, each its own result);
+#   inversion_batch 4 (4 sources per padded inversion call); channels_last on top of the graphs.
+timeout 90 "${BENCH[@]}" --k 4 --sources 4 --reference-inversion-steps 100 --inversion-streams 4 \
+  --json "$OUT/bench-is4.json" 2>&1 | tee "$AUX/bench-is4.txt"
+echo "bench (inversion_streams 4) exit status ${PIPESTATUS[0]}"
 timeout 90 "${BENCH[@]}" --k 4 --sources 4 --reference-inversion-steps 100 --inversion-batch 4 \
   --json "$OUT/bench-ib4.json" 2>&1 | tee "$AUX/bench-ib4.txt"
 echo "bench (inversion_batch 4) exit status ${PIPESTATUS[0]}"
-timeout 60 "${BENCH[@]}" --k 4 --sources 2 --reference-inversion-steps 100 --cudnn-benchmark \
-  --json "$OUT/bench-cudnn-benchmark.json" 2>&1 | tee "$AUX/bench-cudnn-benchmark.txt"
-echo "bench (cudnn_benchmark) exit status ${PIPESTATUS[0]}"
+timeout 70 "${BENCH[@]}" --k 4 --sources 2 --reference-inversion-steps 100 --channels-last \
+  --json "$OUT/bench-channels-last.json" 2>&1 | tee "$AUX/bench-channels-last.txt"
+echo "bench (channels_last) exit status ${PIPESTATUS[0]}"
 fi
 
 # One line per bench run, so the device call's output tail says what matters at a glance.
@@ -75,5 +74,6 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench*.json"))):
           f"k4 {r.get('default_vs_reference_k4_at_spec', float('nan')):.1f}x; "
           f"overhead {r.get('injection_overhead', float('nan')):+.1%}; warm {r.get('warm_vs_cold', float('nan')):.2f}x; "
           f"cuda_graphs {c.get('cuda_graphs')}; inversion_batch {c.get('inversion_batch')}; "
+          f"inversion_streams {c.get('inversion_streams', 1)}; channels_last {c.get('channels_last')}; "
           f"cudnn_benchmark {c.get('cudnn_benchmark')}")
 PYEOF
