@@ -57,6 +57,32 @@ def to_uint8(images: torch.Tensor, quantize: str) -> np.ndarray:
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def auto_batch_size(total: int, held: int, free: int, latent_pixels: int, itemsize: int) -> tuple[int, str | None]:
+    """UNet batch elements per call for `batch_size: auto`, and a note when it is not the device's own.
+
+    Chosen from the memory the device has beside this process's model (`total` - `held`, the same
+    for every worker on the same hardware and config), not from what happens to be free at start-up:
+    the batch split picks the kernels, so it must not vary between workers or a resumed run
+    (CONTRACT: same row, config and hardware, same bytes). Only when other processes hold so much
+    that it would not fit (`free` below 80 % of it) does the free memory decide, with a note.
+    Activation memory per batch element, measured on SD 2.1-base with SDPA: ~30 KB per latent pixel
+    in fp16 at the peak (decoder, 64x64); 30 % of the memory is kept spare.
+    """
+    per_element = latent_pixels * 15_000 * itemsize
+
+    def fit(memory: int) -> int:
+        return int(max(3, min(64, (memory * 0.7) // per_element)))
+
+    own = total - held
+    if free >= 0.8 * own:
+        return fit(own), None
+    n = fit(free)
+    note = (f"other processes hold {(own - free) / 2**30:.1f} GiB of this device: {n} batch elements per UNet "
+            f"call instead of {fit(own)}, so where groups are split differently the last bits of the output "
+            "can differ from a worker with the device to itself") if n != fit(own) else None
+    return n, note
+
+
 class Translator:
     """One model on one device; `process(rows)` translates a group sharing one source image."""
 
@@ -144,19 +170,19 @@ class Translator:
 
     # -- memory ----------------------------------------------------------------------------
     def _max_batch(self) -> int:
-        """UNet batch elements per call: configured, or chosen from the device's free memory."""
+        """UNet batch elements per call: configured, or chosen from the device's memory."""
         if self.cfg.batch_size != "auto":
             return int(self.cfg.batch_size)
         dev = self.models.device
         if dev.type != "cuda":
             return 17  # the source + 8 targets with guidance; more gains nothing on a CPU
         free, _ = torch.cuda.mem_get_info(dev)
-        latent = (self.cfg.resolution // 8) ** 2
-        bytes_per = self.models.dtype.itemsize
-        # Activation memory per batch element, measured on SD 2.1-base with SDPA: ~30 KB per latent
-        # pixel in fp16 at the peak (decoder, 64x64); keep 30 % of the free memory spare.
-        per_element = latent * 15_000 * bytes_per
-        return int(max(3, min(64, (free * 0.7) // per_element)))
+        n, note = auto_batch_size(torch.cuda.get_device_properties(dev).total_memory,
+                                  torch.cuda.memory_reserved(dev), free, (self.cfg.resolution // 8) ** 2,
+                                  self.models.dtype.itemsize)
+        if note:
+            log.warning("batch_size auto: %s", note)
+        return n
 
     # -- images and latents -------------------------------------------------------------------
     @torch.no_grad()

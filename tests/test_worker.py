@@ -282,3 +282,26 @@ def test_prefetch_reads_source_bytes_and_stored_features_ahead(tmp_path, tiny_mo
     finally:
         tr.close()
         tr.injector.remove()
+
+
+def test_auto_batch_size_is_the_devices_own_not_what_happens_to_be_free():
+    """batch_size auto on CUDA: from total - held (the same for every worker on the same hardware and
+    model), so start-up noise in free memory does not change how groups are split; only a device
+    mostly held by other processes lowers it, with a note."""
+    from pnp_batch.worker import auto_batch_size
+
+    gib = 2**30
+    latent = (1024 // 8) ** 2  # SD at 1024 px in fp16: ~0.46 GiB per batch element
+    per = latent * 15_000 * 2
+    total, held = 24 * gib, 3 * gib
+    own = int(21 * gib * 0.7 // per)
+    assert 3 < own < 64
+    # a dedicated device: whatever the CUDA context and caches leave free at start-up, the same answer
+    for free in (int(20.9 * gib), int(20.2 * gib), int(17.5 * gib)):
+        assert auto_batch_size(total, held, free, latent, 2) == (own, None)
+    # another process holds 10 GiB: the free memory decides, and says so
+    n, note = auto_batch_size(total, held, 11 * gib, latent, 2)
+    assert n == int(11 * gib * 0.7 // per) < own and "other processes hold 10.0 GiB" in note
+    # bounds: at least 3 (source + one target with guidance), at most 64
+    assert auto_batch_size(80 * gib, held, 77 * gib, (512 // 8) ** 2, 2) == (64, None)
+    assert auto_batch_size(4 * gib, held, gib, latent, 2)[0] == 3
