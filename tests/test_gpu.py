@@ -164,28 +164,37 @@ def test_two_processes_write_the_same_bytes(tmp_path, tiny_model_dir):
         assert (outs[0] / "images" / f"r{i}.png").read_bytes() == (outs[1] / "images" / f"r{i}.png").read_bytes()
 
 
-def _padded_inversion_is_invariant(tmp_path, cfg, models=None) -> None:
-    """Invert 4 sources in several orders and subsets, each call padded to inversion_batch rows: every
-    source must get the same bits wherever it sits and whatever shares its call."""
-    import shutil
-
-    from pnp_batch.worker import Translator
-
-    rng = np.random.default_rng(4)
-    srcs = []
-    for _ in range(4):
+def _square_pngs(n: int, size: int, seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
         buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((cfg.resolution,) * 2).save(buf, "PNG")
-        srcs.append(buf.getvalue())
-    tr = Translator(cfg, str(tmp_path), worker="test", models=models)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((size, size)).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _inverter(tr, tmp_path, srcs: list[bytes]):
+    """invert(order) -> {source index: its latents}, inverted afresh each time (the store is emptied)."""
+    import shutil
 
     def invert(order: list[int]) -> dict[int, torch.Tensor]:
         got = tr.source_features_many([(srcs[i], "") for i in order])
         tr.flush()
         shutil.rmtree(tmp_path / "features", ignore_errors=True)  # the next call inverts again
         assert not any(g[2] for g in got)
-        return {i: g[0] for i, g in zip(order, got)}
+        return {i: g[0].clone() for i, g in zip(order, got)}
 
+    return invert
+
+
+def _padded_inversion_is_invariant(tmp_path, cfg, models=None) -> None:
+    """Invert 4 sources in several orders and subsets, each call padded to inversion_batch rows: every
+    source must get the same bits wherever it sits and whatever shares its call."""
+    from pnp_batch.worker import Translator
+
+    tr = Translator(cfg, str(tmp_path), worker="test", models=models)
+    invert = _inverter(tr, tmp_path, _square_pngs(4, cfg.resolution, seed=4))
     base = invert([0, 1, 2, 3])
     for order in ([3, 2, 1, 0], [2, 0], [1], [0, 3, 1]):
         for i, lat in invert(order).items():
@@ -221,26 +230,11 @@ def _streams_invert_as_alone(tmp_path, cfg, models=None) -> None:
     """inversion_streams 4: 4 sources inverted side by side on CUDA streams must get exactly the bits
     each gets inverted alone on the current stream (the same kernels; a missing wait between streams,
     or two streams sharing a graph's memory, shows here as different bits)."""
-    import shutil
-
     from pnp_batch.worker import Translator
 
-    rng = np.random.default_rng(5)
-    srcs = []
-    for _ in range(4):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((cfg.resolution,) * 2).save(buf, "PNG")
-        srcs.append(buf.getvalue())
     tr = Translator(cfg.replace(inversion_streams=4), str(tmp_path), worker="test", models=models)
     assert tr._streams is not None and len(tr._streams) == 4
-
-    def invert(order: list[int]) -> dict[int, torch.Tensor]:
-        got = tr.source_features_many([(srcs[i], "") for i in order])
-        tr.flush()
-        shutil.rmtree(tmp_path / "features", ignore_errors=True)  # the next call inverts again
-        assert not any(g[2] for g in got)
-        return {i: g[0].clone() for i, g in zip(order, got)}
-
+    invert = _inverter(tr, tmp_path, _square_pngs(4, cfg.resolution, seed=5))
     streams = tr._streams
     tr._streams, tr.inversion_streams = None, 1
     alone = {i: invert([i])[i] for i in range(4)}
