@@ -109,12 +109,14 @@ def ddim_invert_many(
     for j, z in enumerate(latents):
         with lane(j):
             walks.append(_Walk(z, cond, keep))
+    model_dtype = unet.dtype
     for i, t in enumerate(ascending):
         a_t = sched.alphas_cumprod[t]
         a_prev = sched.alphas_cumprod[ascending[i - 1]] if i > 0 else sched.final_alpha_cumprod
         for j, w in enumerate(walks):
             with lane(j):
-                w.step(unet, ts[i], t, a_t, a_prev, prediction_type)
+                out = unet(w.x.to(model_dtype), ts[i], encoder_hidden_states=w.cond).sample.float()
+                w.step(out, t, a_t, a_prev, prediction_type)
     outs = []
     for j, w in enumerate(walks):
         with lane(j):
@@ -136,12 +138,11 @@ class _Walk:
         self.keep = set(keep)
         self.kept: dict[int, torch.Tensor] = {}
 
-    def step(self, unet, t_device: torch.Tensor, t: int, a_t: torch.Tensor, a_prev: torch.Tensor,
-             prediction_type: str) -> None:
+    def step(self, out: torch.Tensor, t: int, a_t: torch.Tensor, a_prev: torch.Tensor, prediction_type: str) -> None:
+        """x at t from x at the previous timestep and the model's output there."""
         x = self.x
         mu, mu_prev = a_t**0.5, a_prev**0.5
         sigma, sigma_prev = (1 - a_t) ** 0.5, (1 - a_prev) ** 0.5
-        out = unet(x.to(unet.dtype), t_device, encoder_hidden_states=self.cond).sample.float()
         eps = eps_from_output(out, x, a_t, prediction_type)
         pred_x0 = (x - sigma_prev * eps) / mu_prev
         self.x = mu * pred_x0 + sigma * eps
