@@ -113,10 +113,11 @@ def ddim_invert_many(
     for i, t in enumerate(ascending):
         a_t = sched.alphas_cumprod[t]
         a_prev = sched.alphas_cumprod[ascending[i - 1]] if i > 0 else sched.final_alpha_cumprod
+        coeffs = (a_t, a_t**0.5, a_prev**0.5, (1 - a_t) ** 0.5, (1 - a_prev) ** 0.5)  # the same for every walk
         for j, w in enumerate(walks):
             with lane(j):
                 out = unet(w.x.to(model_dtype), ts[i], encoder_hidden_states=w.cond).sample.float()
-                w.step(out, t, a_t, a_prev, prediction_type)
+                w.step(out, t, coeffs, prediction_type)
     outs = []
     for j, w in enumerate(walks):
         with lane(j):
@@ -138,11 +139,11 @@ class _Walk:
         self.keep = set(keep)
         self.kept: dict[int, torch.Tensor] = {}
 
-    def step(self, out: torch.Tensor, t: int, a_t: torch.Tensor, a_prev: torch.Tensor, prediction_type: str) -> None:
-        """x at t from x at the previous timestep and the model's output there."""
+    def step(self, out: torch.Tensor, t: int, coeffs: tuple, prediction_type: str) -> None:
+        """x at t from x at the previous timestep and the model's output there; coeffs =
+        (a_t, mu, mu_prev, sigma, sigma_prev) with mu = sqrt(a), sigma = sqrt(1 - a)."""
         x = self.x
-        mu, mu_prev = a_t**0.5, a_prev**0.5
-        sigma, sigma_prev = (1 - a_t) ** 0.5, (1 - a_prev) ** 0.5
+        a_t, mu, mu_prev, sigma, sigma_prev = coeffs
         eps = eps_from_output(out, x, a_t, prediction_type)
         pred_x0 = (x - sigma_prev * eps) / mu_prev
         self.x = mu * pred_x0 + sigma * eps
