@@ -104,7 +104,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _storage(items: list[str]) -> dict:
-    from pnp_batch import storage
+    from pnp_batch.io import storage
 
     opts = storage.merge_options(items)
     storage.configure(opts)
@@ -118,7 +118,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     opts = _storage(a.storage_option)
     cfg = load_config(a.pipeline, a.overrides)
     if a.fallback_pipeline and not a.dry_run:
-        from pnp_batch.models import model_available
+        from pnp_batch.models.load import model_available
 
         why = model_available(cfg)
         if why is not None:
@@ -165,7 +165,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
-    from pnp_batch.manifest import validate_manifest
+    from pnp_batch.io.validate import validate_manifest
 
     _storage(a.storage_option)
     report = validate_manifest(a.manifest, check_images=a.check_images, max_pixels=a.max_pixels)
@@ -174,7 +174,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from pnp_batch.results import status_report
+    from pnp_batch.io.results import status_report
 
     _storage(a.storage_option)
     print(status_report(a.out).format())
@@ -182,7 +182,7 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_make_test_model(a: argparse.Namespace) -> int:
-    from pnp_batch.models import make_test_model
+    from pnp_batch.models.tiny import make_test_model
 
     path = make_test_model(a.dir, seed=a.seed)
     print(f"wrote the tiny test model to {path} (use --set model={path} or --pipeline tiny)")
@@ -190,7 +190,7 @@ def cmd_make_test_model(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from pnp_batch.bench import run_bench
+    from pnp_batch.bench.run import run_bench
 
     return run_bench(a)
 
@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return VERBS[args.verb](args)
     except UsageError as e:
-        from pnp_batch.storage import redact
+        from pnp_batch.io.storage import redact
 
         print(f"pnp-batch: error: {redact(str(e))}", file=sys.stderr)
         return 2

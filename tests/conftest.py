@@ -71,13 +71,13 @@ def s3_bucket(s3_server: str) -> Iterator[str]:
 def _fresh_storage_options() -> Iterator[None]:
     """Process-wide storage options never leak from one test into the next."""
     yield
-    from pnp_batch import storage
+    from pnp_batch.io import storage
 
     storage.configure(None)
 
 
 def _reset_fs_caches() -> None:
-    from pnp_batch import storage
+    from pnp_batch.io import storage
 
     storage.reset_cache()
 
@@ -109,7 +109,7 @@ def make_png() -> Callable[..., bytes]:
 @pytest.fixture(scope="session")
 def tiny_model_dir():
     """The tiny test model folder, written by `make_test_model` on first use."""
-    from pnp_batch.models import tiny_model_dir as _tiny_dir
+    from pnp_batch.models.tiny import tiny_model_dir as _tiny_dir
 
     return _tiny_dir()
 
@@ -120,7 +120,7 @@ def tiny_model_dir():
 @pytest.fixture(scope="session")
 def tiny_models(tiny_model_dir):
     from pnp_batch.config import load_config
-    from pnp_batch.models import load_models
+    from pnp_batch.models.load import load_models
 
     return load_models(load_config("tiny", {"model": str(tiny_model_dir)}))
 

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pnp_batch import storage
 from pnp_batch.cli import main
-from pnp_batch.results import latest_results
+from pnp_batch.io import retry
+from pnp_batch.io.results import latest_results
 
 FAST = ["--pipeline", "tiny", "--set", "steps=4", "--set", "inversion_steps=4", "--set", "resolution=64",
         "--no-report", "--set", "max_pixels=5000"]
@@ -115,7 +115,7 @@ def _manifest(tmp_path) -> str:
 @pytest.fixture
 def no_backoff(monkeypatch):
     """Retries of the unreachable URL happen without the real backoff sleeps."""
-    monkeypatch.setattr(storage, "_sleep", lambda s: None)
+    monkeypatch.setattr(retry, "_sleep", lambda s: None)
 
 
 def test_bad_input_corpus_through_a_run(tmp_path, tiny_model_dir, no_backoff, caplog):

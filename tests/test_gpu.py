@@ -15,14 +15,14 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 def _row(data: bytes, prompt: str, i: int):
-    from pnp_batch.rows import Row
+    from pnp_batch.io.rows import Row
 
     return Row(index=i, id=f"r{i}", image=None, image_bytes=data, source_prompt="a photo", target_prompt=prompt)
 
 
 def _translate(tmp_path, tiny_model_dir, device: str, dtype: str) -> list[np.ndarray]:
     from pnp_batch.config import load_config
-    from pnp_batch.worker import Translator
+    from pnp_batch.translate.translator import Translator
 
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
@@ -69,7 +69,7 @@ def test_no_host_device_sync_per_step(tiny_model_dir):
     """The number of synchronisations of inversion and sampling does not grow with the step count:
     set-up may copy to the device once, the loop never waits for it."""
     from pnp_batch.config import generation_timesteps, load_config
-    from pnp_batch.models import load_models
+    from pnp_batch.models.load import load_models
     from pnp_batch.pnp.injection import PnPInjector
     from pnp_batch.pnp.inversion import ddim_invert
     from pnp_batch.pnp.sampler import Target, pnp_sample
@@ -105,7 +105,7 @@ def test_cuda_graphs_replay_the_eager_result(tmp_path, tiny_model_dir):
     """cuda_graphs: the UNet calls are recorded once per shape and replayed; the images are the eager ones."""
     from pnp_batch.config import load_config
     from pnp_batch.pnp.graphs import GraphedUNet
-    from pnp_batch.worker import Translator
+    from pnp_batch.translate.translator import Translator
 
     rng = np.random.default_rng(1)
     pngs = []
@@ -147,8 +147,8 @@ def test_two_processes_write_the_same_bytes(tmp_path, tiny_model_dir):
     script = textwrap.dedent(f"""
         import sys
         from pnp_batch.config import load_config
-        from pnp_batch.rows import Row
-        from pnp_batch.worker import Translator
+        from pnp_batch.io.rows import Row
+        from pnp_batch.translate.translator import Translator
         cfg = load_config("tiny", {{"model": {str(tiny_model_dir)!r}, "device": "cuda", "dtype": "float16",
                                    "steps": 10, "inversion_steps": 10, "resolution": 128}})
         tr = Translator(cfg, sys.argv[1], worker="p")
@@ -191,7 +191,7 @@ def _inverter(tr, tmp_path, srcs: list[bytes]):
 def _padded_inversion_is_invariant(tmp_path, cfg, models=None) -> None:
     """Invert 4 sources in several orders and subsets, each call padded to inversion_batch rows: every
     source must get the same bits wherever it sits and whatever shares its call."""
-    from pnp_batch.worker import Translator
+    from pnp_batch.translate.translator import Translator
 
     tr = Translator(cfg, str(tmp_path), worker="test", models=models)
     invert = _inverter(tr, tmp_path, _square_pngs(4, cfg.resolution, seed=4))
@@ -217,8 +217,8 @@ def test_padded_inversion_calls_are_invariant_tiny(tmp_path, tiny_model_dir, res
 
 @cuda
 def test_padded_inversion_calls_are_invariant_sd21_base_512(tmp_path):
-    from pnp_batch.archs import build_random_models
     from pnp_batch.config import PipelineConfig
+    from pnp_batch.models.archs import build_random_models
 
     models = build_random_models("sd21-base", "cuda", torch.float16, seed=0)
     cfg = PipelineConfig(model="random:sd21-base", device="cuda", dtype="float16", resolution=512, steps=2,
@@ -230,7 +230,7 @@ def _streams_invert_as_alone(tmp_path, cfg, models=None) -> None:
     """inversion_streams 4: 4 sources inverted side by side on CUDA streams must get exactly the bits
     each gets inverted alone on the current stream (the same kernels; a missing wait between streams,
     or two streams sharing a graph's memory, shows here as different bits)."""
-    from pnp_batch.worker import Translator
+    from pnp_batch.translate.translator import Translator
 
     tr = Translator(cfg.replace(inversion_streams=4), str(tmp_path), worker="test", models=models)
     assert tr._streams is not None and len(tr._streams) == 4
@@ -257,8 +257,8 @@ def test_inversion_streams_give_each_source_its_result_alone_tiny(tmp_path, tiny
 
 @cuda
 def test_inversion_streams_give_each_source_its_result_alone_sd21_base_512(tmp_path):
-    from pnp_batch.archs import build_random_models
     from pnp_batch.config import PipelineConfig
+    from pnp_batch.models.archs import build_random_models
 
     models = build_random_models("sd21-base", "cuda", torch.float16, seed=0)
     cfg = PipelineConfig(model="random:sd21-base", device="cuda", dtype="float16", resolution=512, steps=5,

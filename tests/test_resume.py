@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pnp_batch.results import latest_results, read_results
+from pnp_batch.io.results import latest_results, read_results
 
 FAST = ["--pipeline", "tiny", "--set", "steps=4", "--set", "inversion_steps=4", "--set", "resolution=64"]
 N_SOURCES = 6

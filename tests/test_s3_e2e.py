@@ -18,9 +18,9 @@ import pytest
 from conftest import S3_SECRET
 from PIL import Image
 
-from pnp_batch import storage
 from pnp_batch.cli import main
-from pnp_batch.results import latest_results, read_run_summaries, result_files
+from pnp_batch.io import storage
+from pnp_batch.io.results import latest_results, read_run_summaries, result_files
 
 FAST = ["--pipeline", "tiny", "--set", "steps=4", "--set", "inversion_steps=4", "--set", "resolution=64",
         "--no-report"]

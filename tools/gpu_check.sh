@@ -37,7 +37,7 @@ fi
 # The GPU tests first (a minute or two): fp16/fp32 against the CPU, no host-device sync per step, CUDA
 # graphs replaying the eager images, the same bytes from two processes, inversion_batch's padded calls
 # and inversion_streams' side-by-side inversions giving each source its own bits, the bench on cuda.
-timeout 150 "$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_bench.py -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
+timeout 150 "$PY" -m pytest -q -m gpu tests/test_gpu.py tests/bench/test_bench.py -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
 echo "gpu tests exit status $?"
 tail -5 "$OUT/gpu-tests.txt"
 

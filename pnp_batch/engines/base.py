@@ -11,10 +11,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from pnp_batch import __version__, storage
+from pnp_batch import __version__
 from pnp_batch.config import PipelineConfig
-from pnp_batch.manifest import Manifest, Row, group_rows, open_manifest
-from pnp_batch.results import ResultWriter, latest_results, load_latest, make_run_id, write_run_summary
+from pnp_batch.io import storage
+from pnp_batch.io.manifest import Manifest, Row, group_rows, open_manifest
+from pnp_batch.io.results import ResultWriter, latest_results, load_latest, make_run_id, write_run_summary
+from pnp_batch.report.write import write_report
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +236,7 @@ def execute(req: RunRequest, backend: Backend) -> int:
         log.info("nothing to do: every row is already done (use --overwrite to redo them)")
     if req.report and sample:
         try:
-            from pnp_batch.engines.report_io import write_report
-
-            write_report(req, run_id, sample)
+            write_report(req.out, req.cfg, run_id, sample)
         except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
             log.warning("could not write the contact sheet: %s", storage.redact(str(e)))
     failed = counts.get("failed", 0)

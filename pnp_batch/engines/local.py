@@ -9,8 +9,8 @@ from dataclasses import asdict
 from typing import Any
 
 from pnp_batch.engines.base import RunRequest, windows
-from pnp_batch.manifest import Row
-from pnp_batch.records import resolve
+from pnp_batch.io.manifest import Row
+from pnp_batch.io.records import resolve
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class LocalBackend:
         self.translator = None
 
     def start(self, req: RunRequest) -> None:
-        from pnp_batch.worker import Translator
+        from pnp_batch.translate.translator import Translator
 
         self.translator = Translator(req.cfg, req.out, req.features_uri, worker="local")
 

@@ -19,12 +19,12 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pnp_batch import storage
 from pnp_batch.config import PipelineConfig
 from pnp_batch.engines.base import RunRequest, windows
 from pnp_batch.errors import UsageError
-from pnp_batch.manifest import Row
-from pnp_batch.records import resolve, row_record
+from pnp_batch.io import storage
+from pnp_batch.io.manifest import Row
+from pnp_batch.io.records import resolve, row_record
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class TranslatorWorker:
 
             torch.set_num_threads(max(1, int(threads)))
             storage.configure(storage_options)
-            from pnp_batch.worker import Translator
+            from pnp_batch.translate.translator import Translator
 
             self.translator = Translator(cfg, out, features, worker=self.name)
         except Exception as e:  # noqa: BLE001 - reported by info(), the driver decides
@@ -85,7 +85,7 @@ class TranslatorWorker:
         out = {"worker": self.name, "pid": self.pid, "node": self.node, "error": self.error}
         if self.translator is not None:
             m = self.translator.models
-            from pnp_batch.models import TEST_MODEL_NOTE
+            from pnp_batch.models.tiny import TEST_MODEL_NOTE
 
             out.update(model=m.fingerprint + (f" ({TEST_MODEL_NOTE})" if m.is_test_model else ""),
                        fingerprint=m.fingerprint, device=str(m.device), dtype=str(m.dtype))

@@ -186,7 +186,7 @@ def test_capture_failure_falls_back_to_eager_once(pnp_unet, tiny_models, embed, 
 
 
 def test_cuda_graphs_key(tiny_model_dir, tmp_path):
-    from pnp_batch.worker import Translator
+    from pnp_batch.translate.translator import Translator
 
     with pytest.raises(ConfigError, match="alternatives"):
         load_config("tiny", {"model": str(tiny_model_dir), "cuda_graphs": True, "compile": True})

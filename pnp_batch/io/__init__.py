@@ -1,0 +1,6 @@
+"""Everything that touches storage and tables: the only users of fsspec and pyarrow's file systems.
+
+storage (URIs, atomic writes, retries), manifest (read, validate, group rows by source), rows and
+records (a row in, a result record out), images (decode, check, resize, encode), features (the
+store of inverted latents), results (Parquet shards, run summaries, the done-index, status).
+"""

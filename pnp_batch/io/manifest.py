@@ -1,0 +1,483 @@
+"""Read manifests (Parquet, CSV, JSON Lines; one file or a folder/prefix of Parquet files) from any
+URI, validate them, derive ids, and group rows by source image. No torch here.
+
+Manifests are streamed in record batches: a manifest with tens of millions of rows is never held
+in memory as Python objects. Problems come in two kinds:
+
+* :class:`ManifestError` — the manifest cannot be used at all (unreadable, missing or mistyped
+  columns, duplicate ids). The run stops before any work (exit status 2).
+* ``Row.error`` — one row cannot be done (empty prompt, unsafe id, no image, override out of
+  range). That row is recorded as failed; the others go on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from pnp_batch.errors import UsageError
+from pnp_batch.io import storage
+from pnp_batch.io.rows import Row
+
+logger = logging.getLogger(__name__)
+
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_ID_RE = re.compile(ID_PATTERN)
+OVERRIDE_COLUMNS = ("negative_prompt", "seed", "guidance_scale", "pnp_f_t", "pnp_attn_t")
+STRING_COLUMNS = ("id", "image", "source_prompt", "target_prompt", "negative_prompt")
+FLOAT_COLUMNS = ("guidance_scale", "pnp_f_t", "pnp_attn_t")
+KNOWN_COLUMNS = ("id", "image", "image_bytes", "source_prompt", "target_prompt", *OVERRIDE_COLUMNS)
+BATCH_ROWS = 65_536
+_PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+_CSV_SUFFIXES = (".csv", ".tsv")
+_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_MAX_LISTED = 10
+
+
+class ManifestError(UsageError):
+    """The manifest cannot be used at all (exit status 2)."""
+
+
+def derive_id(image_ref: str | None, source_prompt: str, target_prompt: str, overrides: dict[str, Any]) -> str:
+    """A deterministic id: 'r' + 16 hex chars of sha256 over the image reference (the manifest's
+    ``image`` value as written, or the sha256 of ``image_bytes``), both prompts and the overrides."""
+    blob = json.dumps(
+        [image_ref, source_prompt, target_prompt, [overrides.get(k) for k in OVERRIDE_COLUMNS]],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return "r" + hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t) or (
+        pa.types.is_binary_view(t)
+    )
+
+
+def _check_schema(schema: pa.Schema, where: str) -> None:
+    names = set(schema.names)
+    missing = []
+    if "target_prompt" not in names:
+        missing.append("'target_prompt'")
+    if "image" not in names and "image_bytes" not in names:
+        missing.append("'image' or 'image_bytes'")
+    if missing:
+        raise ManifestError(
+            f"{where}: missing required column {' and '.join(missing)}; columns are: {', '.join(schema.names)}"
+        )
+    wrong = []
+    for f in schema:
+        t = f.type
+        if pa.types.is_null(t) or f.name not in KNOWN_COLUMNS:
+            continue
+        if f.name == "id":
+            ok = _is_string(t) or pa.types.is_integer(t)
+        elif f.name == "image_bytes":
+            ok = _is_binary(t) or _is_string(t)
+        elif f.name in STRING_COLUMNS:
+            ok = _is_string(t) or pa.types.is_dictionary(t) and _is_string(t.value_type)
+        elif f.name == "seed":
+            ok = pa.types.is_integer(t) or pa.types.is_floating(t)
+        else:
+            ok = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+        if not ok:
+            want = {
+                "id": "string", "image_bytes": "binary", "seed": "integer",
+            }.get(f.name, "string" if f.name in STRING_COLUMNS else "number")
+            wrong.append(f"'{f.name}' is {t}, expected {want}")
+    if wrong:
+        raise ManifestError(f"{where}: wrong column type: {'; '.join(wrong)}")
+
+
+def _kind(uri: str) -> str:
+    low = uri.lower().rstrip("/")
+    if low.endswith(_PARQUET_SUFFIXES):
+        return "parquet"
+    if low.endswith(_CSV_SUFFIXES):
+        return "csv"
+    if low.endswith(_JSON_SUFFIXES):
+        return "jsonl"
+    return "unknown"
+
+
+class Manifest:
+    """A manifest opened for streaming; see :func:`open_manifest`."""
+
+    def __init__(self, uri: str, files: list[str], kind: str, schema: pa.Schema, base_dir: str) -> None:
+        self.uri = uri
+        self.files = files
+        self.kind = kind
+        self.schema = schema
+        self.base_dir = base_dir
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema.names)
+
+    @property
+    def extra_columns(self) -> list[str]:
+        """Pass-through columns, in manifest order."""
+        return [c for c in self.schema.names if c not in KNOWN_COLUMNS]
+
+    @property
+    def extra_schema(self) -> pa.Schema:
+        """Arrow schema of the pass-through columns (for consistent result shards)."""
+        return pa.schema([self.schema.field(c) for c in self.extra_columns])
+
+    def __repr__(self) -> str:
+        return f"Manifest({self.uri!r}, kind={self.kind}, files={len(self.files)})"
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def batches(self, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+        """Stream record batches (optionally only some columns) over all files in order."""
+        cols = [c for c in (columns or self.columns) if c in self.schema.names]
+        read = {"parquet": self._parquet_batches, "csv": self._csv_batches}.get(self.kind, self._json_batches)
+        for f in self.files:
+            try:
+                yield from read(f, cols, batch_rows)
+            except (OSError, pa.ArrowException) as e:
+                raise ManifestError(storage.redact(f"cannot read manifest file {f}: {e}")) from None
+
+    def _parquet_batches(self, uri: str, cols: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        with storage.open_input(uri) as fh:
+            yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=cols)
+
+    def _csv_batches(self, uri: str, cols: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        with storage.open_input(uri) as fh:
+            reader = pacsv.open_csv(
+                fh,
+                read_options=pacsv.ReadOptions(block_size=1 << 22),
+                parse_options=_csv_parse_options(uri),
+                convert_options=_csv_convert_options(cols),
+            )
+            for batch in reader:
+                yield from _rebatch(batch, batch_rows)
+
+    def _json_batches(self, uri: str, cols: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        with storage.open_input(uri) as fh:
+            reader = pajson.open_json(
+                fh,
+                read_options=pajson.ReadOptions(block_size=1 << 22),
+                parse_options=pajson.ParseOptions(explicit_schema=self.schema, unexpected_field_behavior="ignore"),
+            )
+            for batch in reader:
+                yield from _rebatch(batch.select(cols), batch_rows)
+
+    def iter_rows(self, limit: int | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[Row]:
+        """Stream :class:`Row` objects (at most ``limit``), batch by batch."""
+        index = 0
+        extra = self.extra_columns
+        for batch in self.batches(batch_rows=batch_rows):
+            n = batch.num_rows
+            if limit is not None:
+                n = min(n, limit - index)
+            if n <= 0:
+                return
+            cols = {name: batch.column(name).slice(0, n).to_pylist() for name in batch.schema.names}
+            for i in range(n):
+                yield self._make_row(index, {k: v[i] for k, v in cols.items()}, extra)
+                index += 1
+            if limit is not None and index >= limit:
+                return
+
+    def _make_row(self, index: int, rec: dict[str, Any], extra_cols: list[str]) -> Row:
+        problems: list[str] = []
+        image = rec.get("image") or None
+        raw_bytes = rec.get("image_bytes")
+        image_bytes: bytes | None = None
+        if isinstance(raw_bytes, str):
+            try:
+                image_bytes = base64.b64decode(raw_bytes, validate=True)
+            except (binascii.Error, ValueError):
+                problems.append("image_bytes is text but not base64")
+        elif raw_bytes is not None:
+            image_bytes = bytes(raw_bytes)
+        source_prompt = rec.get("source_prompt") or ""
+        target_prompt = rec.get("target_prompt") or ""
+        overrides, override_problems = _overrides(rec)
+        problems.extend(override_problems)
+        rid = rec.get("id")
+        if rid is None or rid == "":
+            ref = image if image_bytes is None else hashlib.sha256(image_bytes).hexdigest()
+            rid = derive_id(ref, source_prompt, target_prompt, overrides)
+        else:
+            rid = str(rid)
+            if not _ID_RE.fullmatch(rid):
+                problems.insert(0, f"unsafe id {rid!r}: must match {ID_PATTERN}")
+        if image is None and image_bytes is None and "image_bytes is text but not base64" not in problems:
+            problems.append("no image")
+        if not target_prompt.strip():
+            problems.append("empty target_prompt")
+        return Row(
+            index=index,
+            id=rid,
+            image=storage.resolve(self.base_dir, image) if image is not None else None,
+            image_bytes=image_bytes,
+            source_prompt=source_prompt,
+            target_prompt=target_prompt,
+            overrides=overrides,
+            extra={c: rec.get(c) for c in extra_cols},
+            error="; ".join(problems) if problems else None,
+        )
+
+    def iter_ids(self) -> Iterator[tuple[int, str]]:
+        """(row index, id) for every row; reads only the ``id`` column while it has no gaps."""
+        index = 0
+        if "id" in self.schema.names:
+            complete = True
+            for batch in self.batches(columns=["id"]):
+                col = batch.column(0)
+                values = col.to_pylist()
+                if col.null_count or "" in values:
+                    complete = False
+                    break
+                for v in values:
+                    yield index, str(v)
+                    index += 1
+            if complete:
+                return
+        # Some ids are missing: derive them from the whole rows, continuing where we stopped.
+        for row in self.iter_rows():
+            if row.index >= index:
+                yield row.index, row.id
+
+    def check_ids(self) -> int:
+        """Return the row count; raise ManifestError on duplicate ids (naming the first few).
+
+        Memory stays O(rows * 8 bytes): ids are hashed to 64-bit integers, sorted, and only
+        colliding hashes are re-scanned to name the ids.
+        """
+        chunks: list[np.ndarray] = []
+        buf: list[int] = []
+        count = 0
+        for _, rid in self.iter_ids():
+            buf.append(hash(rid))
+            count += 1
+            if len(buf) >= 1 << 16:
+                chunks.append(np.array(buf, dtype=np.int64))
+                buf = []
+        if buf:
+            chunks.append(np.array(buf, dtype=np.int64))
+        if not chunks:
+            return 0
+        hashes = np.concatenate(chunks)
+        del chunks
+        hashes.sort()
+        dup_mask = hashes[1:] == hashes[:-1]
+        if not dup_mask.any():
+            return count
+        suspects = set(np.unique(hashes[1:][dup_mask]).tolist())
+        del hashes
+        seen: dict[str, list[int]] = {}
+        for index, rid in self.iter_ids():
+            if hash(rid) in suspects:
+                seen.setdefault(rid, []).append(index)
+        dups = {k: v for k, v in seen.items() if len(v) > 1}
+        if not dups:  # only a hash collision
+            return count
+        listed = sorted(dups.items(), key=lambda kv: kv[1][0])
+        parts = [
+            f"{rid!r} (rows {', '.join(map(str, idx[:5]))}{', ...' if len(idx) > 5 else ''})"
+            for rid, idx in listed[:_MAX_LISTED]
+        ]
+        more = f" and {len(dups) - _MAX_LISTED} more" if len(dups) > _MAX_LISTED else ""
+        hint = "" if "id" in self.schema.names else " (derived ids collide only for identical rows)"
+        raise ManifestError(
+            f"{self.uri}: {len(dups)} duplicate id{'s' if len(dups) != 1 else ''}: {'; '.join(parts)}{more}{hint}"
+        )
+
+    def fingerprint(self) -> str:
+        """A short hash of the manifest's files (names and sizes) and schema."""
+        h = hashlib.sha256(str(self.schema).encode())
+        for f in self.files:
+            try:
+                size = storage.size(f)
+            except OSError:
+                size = -1
+            h.update(f"{f}\0{size}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def _rebatch(batch: pa.RecordBatch, rows: int) -> Iterator[pa.RecordBatch]:
+    for start in range(0, batch.num_rows, rows):
+        yield batch.slice(start, rows)
+
+
+def _csv_parse_options(uri: str) -> pacsv.ParseOptions:
+    return pacsv.ParseOptions(delimiter="\t" if uri.lower().endswith(".tsv") else ",", newlines_in_values=True)
+
+
+def _csv_convert_options(cols: list[str] | None = None) -> pacsv.ConvertOptions:
+    types: dict[str, pa.DataType] = {c: pa.string() for c in STRING_COLUMNS}
+    types["image_bytes"] = pa.string()
+    types["seed"] = pa.int64()
+    types.update({c: pa.float64() for c in FLOAT_COLUMNS})
+    return pacsv.ConvertOptions(
+        column_types=types,
+        strings_can_be_null=True,
+        include_columns=cols,
+    )
+
+
+def _overrides(rec: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    v = rec.get("negative_prompt")
+    if v is not None:
+        out["negative_prompt"] = str(v)
+    v = rec.get("seed")
+    if v is not None and not (isinstance(v, float) and math.isnan(v)):
+        if isinstance(v, float) and not v.is_integer():
+            problems.append(f"seed={v!r} must be a whole number")
+        elif int(v) < 0:
+            problems.append(f"seed={int(v)} must be >= 0")
+        else:
+            out["seed"] = int(v)
+    for key in FLOAT_COLUMNS:
+        v = rec.get(key)
+        if v is None:
+            continue
+        f = float(v)
+        if math.isnan(f):  # pandas writes NaN for missing floats: treat as absent
+            continue
+        if key == "guidance_scale":
+            if not math.isfinite(f) or f < 0:
+                problems.append(f"guidance_scale={f!r} must be a number >= 0")
+                continue
+        elif not 0.0 <= f <= 1.0:
+            problems.append(f"{key}={f!r} must be a number from 0 to 1")
+            continue
+        out[key] = f
+    return out, problems
+
+
+def _read_schema(uri: str, kind: str) -> pa.Schema:
+    try:
+        with storage.open_input(uri) as fh:
+            if kind == "parquet":
+                return pq.ParquetFile(fh).schema_arrow
+            if kind == "csv":
+                reader = pacsv.open_csv(
+                    fh,
+                    read_options=pacsv.ReadOptions(block_size=1 << 20),
+                    parse_options=_csv_parse_options(uri),
+                    convert_options=_csv_convert_options(),
+                )
+                return reader.schema
+            return _json_schema(fh)
+    except FileNotFoundError:
+        raise ManifestError(storage.redact(f"manifest not found: {uri}")) from None
+    except (OSError, pa.ArrowException, ValueError) as e:
+        raise ManifestError(storage.redact(f"cannot read manifest {uri}: {e}")) from None
+
+
+def _json_schema(fh: Any, sample_lines: int = 10_000) -> pa.Schema:
+    """Columns of a JSON Lines file: the union of keys over the first lines, with known types."""
+    names: dict[str, None] = {}
+    inferred: dict[str, pa.DataType] = {}
+    for n, line in enumerate(fh):
+        if n >= sample_lines:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise ManifestError(f"line {n + 1} is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise ManifestError(
+                f"line {n + 1} is not a JSON object (JSON manifests are JSON Lines: one object per line)"
+            )
+        for k, v in obj.items():
+            names.setdefault(k)
+            if v is not None and k not in inferred:
+                try:
+                    inferred[k] = pa.array([v]).type
+                except (pa.ArrowException, ValueError, TypeError):
+                    inferred[k] = pa.string()
+    fields = []
+    for k in names:
+        if k in STRING_COLUMNS or k == "image_bytes":
+            t = inferred.get(k, pa.string())
+            if not (_is_string(t) or pa.types.is_integer(t)):
+                fields.append(pa.field(k, t))
+                continue
+            fields.append(pa.field(k, pa.string() if k != "id" or _is_string(t) else pa.int64()))
+        elif k == "seed":
+            fields.append(pa.field(k, inferred.get(k, pa.int64())))
+        elif k in FLOAT_COLUMNS:
+            t = inferred.get(k, pa.float64())
+            fields.append(pa.field(k, pa.float64() if pa.types.is_integer(t) else t))
+        else:
+            fields.append(pa.field(k, inferred.get(k, pa.string())))
+    return pa.schema(fields)
+
+
+def open_manifest(uri: str) -> Manifest:
+    """Open a manifest file, or a folder/prefix of Parquet files, from any URI."""
+    if not storage.is_remote(uri):  # relative image paths must not depend on a worker's cwd
+        uri = os.path.abspath(storage.filesystem(uri)[1])
+    kind = _kind(uri)
+    is_dir = storage.is_dir(uri)
+    if kind == "unknown" or is_dir:
+        if is_dir:
+            files = storage.list_files(uri)
+            parquet = [f for f in files if f.lower().endswith(_PARQUET_SUFFIXES)]
+            if not parquet:
+                raise ManifestError(f"no Parquet files under {storage.redact(uri)}")
+            schemas = [_read_schema(f, "parquet") for f in parquet]
+            for f, s in zip(parquet, schemas):
+                _check_schema(s, f)
+            try:
+                schema = pa.unify_schemas(schemas, promote_options="permissive")
+            except (pa.ArrowException, TypeError) as e:
+                raise ManifestError(f"{uri}: the Parquet files have incompatible schemas: {e}") from None
+            return Manifest(uri, parquet, "parquet", schema, uri.rstrip("/") or uri)
+        if not storage.exists(uri):
+            raise ManifestError(f"manifest not found: {storage.redact(uri)}")
+        kind = "parquet"  # unknown extension: Parquet is the documented format
+    schema = _read_schema(uri, kind)
+    _check_schema(schema, uri)
+    return Manifest(uri, [uri], kind, schema, storage.parent(uri))
+
+
+# ------------------------------------------------------------------------------------------
+# Grouping
+# ------------------------------------------------------------------------------------------
+
+
+def group_rows(rows: Iterable[Row], window: int = 256) -> Iterator[list[Row]]:
+    """Group rows sharing a source image, streaming: within each window of ``window`` rows,
+    groups come out in first-seen order. Rows with an error are single-row groups."""
+    groups: dict[str, list[Row]] = {}
+    n = 0
+    for row in rows:
+        key = f"\0error:{row.index}" if row.error else row.source_key
+        groups.setdefault(key, []).append(row)
+        n += 1
+        if n >= window:
+            yield from groups.values()
+            groups = {}
+            n = 0
+    yield from groups.values()

@@ -1,0 +1,55 @@
+"""The result record of one row attempt: one shape for every engine (no torch, no pyarrow)."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from datetime import datetime, timezone
+from typing import Any
+
+from pnp_batch.config import PipelineConfig
+from pnp_batch.io.rows import Row
+
+
+def row_record(row: Row, cfg: PipelineConfig, status: str, model: str, worker: str, attempt: int,
+               **fields: Any) -> dict[str, Any]:
+    """A record with every CONTRACT column; `fields` fills the ones known (error, output, timings...)."""
+    o = row.overrides
+    rec: dict[str, Any] = {
+        "id": row.id,
+        "status": status,
+        "error": None,
+        "warning": None,
+        "output": None,
+        "image": row.image if row.image is not None else "<image_bytes>",
+        "source_prompt": row.source_prompt,
+        "target_prompt": row.target_prompt,
+        "negative_prompt": None,
+        "seed": int(o.get("seed", cfg.seed)),
+        "guidance_scale": float(o.get("guidance_scale", cfg.guidance_scale)),
+        "pnp_f_t": float(o.get("pnp_f_t", cfg.pnp_f_t)),
+        "pnp_attn_t": float(o.get("pnp_attn_t", cfg.pnp_attn_t)),
+        "pipeline": cfg.name,
+        "config_hash": cfg.hash(),
+        "model": model,
+        "feature_key": None,
+        "feature_cache_hit": None,
+        "width": None,
+        "height": None,
+        "invert_seconds": None,
+        "translate_seconds": None,
+        "worker": worker,
+        "attempt": attempt,
+        "finished_at": datetime.now(timezone.utc),
+    }
+    unknown = set(fields) - set(rec)
+    if unknown:
+        raise KeyError(f"not result columns: {sorted(unknown)}")
+    rec.update(fields)
+    for k, v in row.extra.items():
+        rec.setdefault(k, v)
+    return rec
+
+
+def resolve(records: list[dict[str, Any] | Future]) -> list[dict[str, Any]]:
+    """The records of one group, waiting for those whose images are still being written."""
+    return [r.result() if isinstance(r, Future) else r for r in records]

@@ -1,0 +1,151 @@
+"""`pnp-batch validate`: schema, ids, prompts and overrides of a manifest (and, optionally, that every
+image decodes), reported row by row without loading a model."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pnp_batch.io import storage
+from pnp_batch.io.manifest import ManifestError, Row, open_manifest
+
+_TOKEN_RE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+", re.IGNORECASE)
+
+
+def estimate_tokens(text: str) -> int:
+    """A lower-bound estimate of CLIP tokens (CLIP's pre-tokenizer split; BPE may split further)."""
+    return len(_TOKEN_RE.findall(text))
+
+
+@dataclass
+class ValidationReport:
+    """What ``pnp-batch validate`` prints; ``ok`` decides exit 0 or 2."""
+
+    uri: str
+    rows: int = 0
+    errors: list[str] = field(default_factory=list)
+    row_problems: list[tuple[str, int, str]] = field(default_factory=list)
+    row_problem_count: int = 0
+    warnings: list[str] = field(default_factory=list)
+    warning_count: int = 0
+    images_checked: int = 0
+    columns: list[str] = field(default_factory=list)
+    max_listed: int = 50
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.row_problem_count == 0
+
+    def add_problem(self, rid: str, index: int, message: str) -> None:
+        self.row_problem_count += 1
+        if len(self.row_problems) < self.max_listed:
+            self.row_problems.append((rid, index, message))
+
+    def add_warning(self, message: str) -> None:
+        self.warning_count += 1
+        if len(self.warnings) < self.max_listed:
+            self.warnings.append(message)
+
+    def format(self) -> str:
+        lines = [f"manifest: {storage.redact(self.uri)}"]
+        if self.columns:
+            lines.append(f"columns: {', '.join(self.columns)}")
+        lines.append(f"rows: {self.rows}")
+        if self.images_checked:
+            lines.append(f"images checked: {self.images_checked}")
+        for e in self.errors:
+            lines.append(f"ERROR: {e}")
+        if self.row_problem_count:
+            lines.append(f"rows with problems: {self.row_problem_count}")
+            for rid, index, msg in self.row_problems:
+                lines.append(f"  row {index} (id {rid}): {msg}")
+            if self.row_problem_count > len(self.row_problems):
+                lines.append(f"  ... and {self.row_problem_count - len(self.row_problems)} more")
+        if self.warning_count:
+            lines.append(f"warnings: {self.warning_count}")
+            for w in self.warnings:
+                lines.append(f"  {w}")
+            if self.warning_count > len(self.warnings):
+                lines.append(f"  ... and {self.warning_count - len(self.warnings)} more")
+        lines.append("OK" if self.ok else "NOT OK")
+        return "\n".join(lines)
+
+
+def _check_image(row: Row, max_pixels: int) -> str | None:
+    from pnp_batch.io.images import ImageError, decode_image
+
+    try:
+        data = row.image_bytes if row.image_bytes is not None else storage.read_bytes(row.image or "")
+        decode_image(data, max_pixels)
+    except FileNotFoundError:
+        return f"image not found: {storage.redact(row.image or '')}"
+    except ImageError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - validate reports every failure as a row problem
+        return storage.redact(f"cannot read image {row.image}: {e}")
+    return None
+
+
+def validate_manifest(
+    uri: str,
+    check_images: bool = False,
+    max_pixels: int = 64_000_000,
+    max_prompt_tokens: int = 75,
+    image_threads: int = 8,
+) -> ValidationReport:
+    """Check schema, ids, prompts and overrides (and, with ``check_images``, that images decode)."""
+    report = ValidationReport(uri=uri)
+    try:
+        m = open_manifest(uri)
+    except ManifestError as e:
+        report.errors.append(str(e))
+        return report
+    report.columns = m.columns
+    try:
+        m.check_ids()
+    except ManifestError as e:
+        report.errors.append(str(e))
+
+    pool = ThreadPoolExecutor(image_threads) if check_images else None
+    pending: list[tuple[Row, Any]] = []
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            row, fut = pending.pop(0)
+            report.images_checked += 1
+            msg = fut.result()
+            if msg:
+                report.add_problem(row.id, row.index, msg)
+
+    try:
+        count = 0
+        for row in m.iter_rows():
+            count += 1
+            if row.error:
+                report.add_problem(row.id, row.index, row.error)
+                continue
+            for name, text in (
+                ("target_prompt", row.target_prompt),
+                ("source_prompt", row.source_prompt),
+                ("negative_prompt", row.overrides.get("negative_prompt", "")),
+            ):
+                if text and len(text) > max_prompt_tokens:  # cheap pre-check before the regex
+                    n = estimate_tokens(text)
+                    if n > max_prompt_tokens:
+                        report.add_warning(
+                            f"row {row.index} (id {row.id}): {name} is about {n} tokens; "
+                            f"CLIP reads {max_prompt_tokens}, the rest will be truncated"
+                        )
+            if pool is not None:
+                pending.append((row, pool.submit(_check_image, row, max_pixels)))
+                drain(image_threads * 4)
+        drain(0)
+        report.rows = count
+    except ManifestError as e:
+        report.errors.append(str(e))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return report

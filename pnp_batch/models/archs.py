@@ -1,0 +1,117 @@
+"""Random-weight models of real Stable Diffusion architectures, built from configs (no download).
+
+For cost benchmarks only: a full-size UNet with random weights costs exactly what the trained one
+does per evaluation, so UNet calls, batch elements, time and memory are the real figures; the
+images are noise. `tiny` is the offline test model (models.tiny.tiny_model_dir) loaded the normal way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from pnp_batch.models.load import Models, resolve_device, resolve_dtype
+from pnp_batch.models.tiny import SD_SCHEDULER, TOKENIZER_ASSETS, sd_unet, sd_vae
+
+ARCHS = ("tiny", "sd21-base", "sd15")
+
+
+# Per architecture: the UNet's text-conditioning settings and the text encoder's config.
+_ARCH: dict[str, dict[str, Any]] = {
+    "sd21-base": {
+        "unet": {"cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True},
+        # SD 2.x's OpenCLIP ViT-H text tower (the penultimate-layer variant diffusers ships: 23 layers).
+        "text": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+                 "num_attention_heads": 16, "hidden_act": "gelu", "projection_dim": 512},
+    },
+    "sd15": {
+        "unet": {"cross_attention_dim": 768, "attention_head_dim": 8, "use_linear_projection": False},
+        # CLIP ViT-L/14's text tower.
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768},
+    },
+}
+
+
+def _tokenizer():
+    from transformers import CLIPTokenizer
+
+    # The tiny tokenizer's vocabulary is smaller than CLIP's 49,408, so its ids stay in range of the
+    # full-size embedding table; token ids do not change the cost of a UNet or text-encoder call.
+    return CLIPTokenizer(
+        vocab=str(TOKENIZER_ASSETS / "vocab.json"),
+        merges=str(TOKENIZER_ASSETS / "merges.txt"),
+        model_max_length=77,
+    )
+
+
+def _device_context(device: torch.device):
+    """Build parameters directly on the target device where torch supports it."""
+    if device.type == "cpu":
+        return contextlib.nullcontext()
+    return torch.device(device)
+
+
+def _as_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return resolve_dtype(str(dtype), device)
+
+
+def build_random_models(arch: str, device: Any = "auto", dtype: Any = "auto", seed: int = 0) -> Models:
+    """The named architecture with seeded random weights on `device` in `dtype` (eval, no grads)."""
+    dev = device if isinstance(device, torch.device) else resolve_device(str(device))
+    dt = _as_dtype(dtype, dev)
+    if arch == "tiny":
+        from pnp_batch.config import PipelineConfig
+        from pnp_batch.models.load import load_models
+
+        name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dt]
+        return load_models(PipelineConfig(model="tiny", device=str(dev), dtype=name))
+    if arch not in _ARCH:
+        raise ValueError(f"unknown arch {arch!r}; one of {', '.join(ARCHS)}")
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = _ARCH[arch]
+    tokenizer = _tokenizer()
+    with _device_context(dev):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **spec["text"],
+            )
+        )
+        torch.manual_seed(seed + 1)
+        unet = sd_unet((320, 640, 1280, 1280), norm_num_groups=32, **spec["unet"])
+        torch.manual_seed(seed + 2)
+        vae = sd_vae((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+    with torch.no_grad():
+        # Random weights give an eps of arbitrary scale; keep it near a trained model's (|eps| ~ 1)
+        # so a long DDIM inversion stays finite (inf/NaN would distort timings, not just images).
+        unet.conv_out.weight.mul_(0.2)
+        unet.conv_out.bias.zero_()
+    for m in (text_encoder, unet, vae):
+        m.to(dev)
+        if dt != torch.float32:
+            m.to(dtype=dt)
+        m.eval()
+        m.requires_grad_(False)
+    return Models(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler_config=dict(SD_SCHEDULER),
+        device=dev,
+        dtype=dt,
+        fingerprint=f"random:{arch}:{seed}",
+        name=arch,
+        is_test_model=True,
+    )

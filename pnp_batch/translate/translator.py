@@ -1,0 +1,498 @@
+"""Translator: holds one loaded model; turns a group of rows (one source image) into results."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+
+from pnp_batch.config import PipelineConfig, generation_timesteps
+from pnp_batch.errors import RowError
+from pnp_batch.io import storage
+from pnp_batch.io.features import FeatureStore, feature_key
+from pnp_batch.io.images import decode_image, encode_image, resize_source
+from pnp_batch.io.records import resolve, row_record
+from pnp_batch.io.rows import Row
+from pnp_batch.models.load import Models, load_models
+from pnp_batch.models.tiny import TEST_MODEL_NOTE
+from pnp_batch.pnp.graphs import GraphedUNet
+from pnp_batch.pnp.injection import PnPInjector
+from pnp_batch.pnp.inversion import ddim_invert_many
+from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
+from pnp_batch.translate.outputs import output_uri, to_uint8
+from pnp_batch.translate.sizing import auto_batch_size
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class Counters:
+    """UNet work done by this translator, counted in calls and batch elements."""
+
+    invert_calls: int = 0
+    invert_elements: int = 0
+    sample_calls: int = 0
+    sample_elements: int = 0
+    source_elements: int = 0
+    inversions: int = 0
+    cache_hits: int = 0
+
+
+class Translator:
+    """One model on one device; `process(rows)` translates a group sharing one source image."""
+
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        out_uri: str,
+        features_uri: str | None = None,
+        worker: str | None = None,
+        models: Models | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.out = out_uri
+        self.features = FeatureStore(features_uri or storage.join(out_uri, "features"))
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+        self.models = models or load_models(cfg)
+        self.injector = PnPInjector(self.models.unet)
+        self.counters = Counters()
+        self.timesteps = generation_timesteps(cfg.steps)
+        self._emb: dict[str, torch.Tensor] = {}
+        self._write_pool: ThreadPoolExecutor | None = None
+        self._feature_writes: dict[str, tuple[torch.Tensor, Future]] = {}  # key -> (latents, write)
+        self._prefetched: dict[str, tuple[torch.Tensor, dict]] = {}  # key -> features read ahead (prefetch)
+        self._digests: dict[int, tuple[bytes, str]] = {}  # id(source bytes) -> (the bytes, sha256), from prefetch
+        self.max_batch = self._max_batch()
+        # Sources inverted per UNet call. On a GPU one image leaves the UNet call half idle, so 4 cost
+        # 1.8 times 1 (H100); calls are padded to that size (source_features_many), but whether a
+        # source's bits then stay the same whatever shares its call is verified per device (not on
+        # this CPU): 1, the default, keeps outputs byte-reproducible everywhere.
+        self.inversion_batch = cfg.inversion_batch
+        on_cuda = self.models.device.type == "cuda"
+        # inversion_streams: that many inversion calls run side by side, each on its own CUDA stream,
+        # to fill what one batch-1 call leaves idle. Unlike a bigger batch this leaves every source's
+        # result exactly as when inverted alone (the same kernels on the same inputs). Elsewhere the
+        # calls simply take turns.
+        self.inversion_streams = cfg.inversion_streams
+        self._streams = [torch.cuda.Stream(self.models.device) for _ in range(cfg.inversion_streams)] \
+            if on_cuda and cfg.inversion_streams > 1 else None
+        if on_cuda:
+            # cudnn_benchmark: cuDNN times its convolution algorithms once per shape and keeps the
+            # fastest; near-ties can go either way in another process, and the output's last bits
+            # with them. Off (the default), its heuristics choose the same algorithms every time, so
+            # a resumed run or another worker on the same hardware writes the same bytes (CONTRACT).
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+            torch.backends.cudnn.deterministic = not cfg.cudnn_benchmark
+            if cfg.channels_last:
+                self.models.unet.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            self.models.unet = torch.compile(self.models.unet)
+        # cuda_graphs 'auto' (the default): on for CUDA, unless compile is set. Measured on an H100
+        # (docs/bench.md): 1.6x the images per minute of eager calls at K = 4, same images within 1 level.
+        if cfg.cuda_graphs is True or (cfg.cuda_graphs == "auto" and on_cuda and not cfg.compile):
+            if on_cuda:
+                self.models.unet = GraphedUNet(self.models.unet, self.injector.controller)
+            else:
+                log.info("cuda_graphs applies to CUDA devices only; the UNet on %s runs eagerly", self.models.device)
+
+    @property
+    def window(self) -> int:
+        """Sources inverted at once (PipelineConfig.window): the engines' window of groups."""
+        return self.inversion_batch * self.inversion_streams
+
+    # -- text ------------------------------------------------------------------------------
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings, (len, 77, D); the text encoder runs once per distinct prompt."""
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._emb]
+        if todo:
+            tok = self.models.tokenizer
+            ids = tok(todo, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+            with torch.no_grad():
+                embs = self.models.text_encoder(ids.input_ids.to(self.models.device))[0]
+            for p, e in zip(todo, embs):
+                if len(self._emb) > 4096:
+                    self._emb.pop(next(iter(self._emb)))
+                self._emb[p] = e
+        return torch.stack([self._emb[p] for p in prompts])
+
+    def prompt_warning(self, prompt: str) -> str | None:
+        """A warning when the prompt is longer than the text encoder reads (it is truncated)."""
+        tok = self.models.tokenizer
+        n = len(tok(prompt, truncation=False).input_ids)
+        if n > tok.model_max_length:
+            return f"prompt is {n} tokens, truncated to {tok.model_max_length}"
+        return None
+
+    # -- memory ----------------------------------------------------------------------------
+    def _max_batch(self) -> int:
+        """UNet batch elements per call: configured, or chosen from the device's memory."""
+        if self.cfg.batch_size != "auto":
+            return int(self.cfg.batch_size)
+        dev = self.models.device
+        if dev.type != "cuda":
+            return 17  # the source + 8 targets with guidance; more gains nothing on a CPU
+        free, _ = torch.cuda.mem_get_info(dev)
+        n, note = auto_batch_size(torch.cuda.get_device_properties(dev).total_memory,
+                                  torch.cuda.memory_reserved(dev), free, (self.cfg.resolution // 8) ** 2,
+                                  self.models.dtype.itemsize)
+        if note:
+            log.warning("batch_size auto: %s", note)
+        return n
+
+    # -- images and latents -------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, img) -> torch.Tensor:
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+        x = (2 * arr - 1).unsqueeze(0).to(self.models.device, self.models.dtype)
+        return self.models.vae.encode(x).latent_dist.mean.float() * self.models.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        sf = self.models.scaling_factor
+        imgs = self.models.vae.decode(((1 / sf) * latents).to(self.models.dtype)).sample
+        return to_uint8(imgs, self.cfg.quantize)
+
+    def _invert(self, batches: list[torch.Tensor], inversion_prompt: str, sources: int) -> list[torch.Tensor]:
+        """(steps, B, 4, h, w) for each batch of B clean latents of one size, the batches side by side
+        (`inversion_streams`); `sources` of all their rows are sources, the rest padding."""
+        outs = ddim_invert_many(
+            self.models.unet,
+            self.models.scheduler_config,
+            batches,
+            self.embed([inversion_prompt]),
+            self.cfg.inversion_steps,
+            self.timesteps,
+            self.models.prediction_type,
+            self._streams,
+        )
+        self.counters.invert_calls += sum(o.unet_calls for o in outs)
+        self.counters.invert_elements += sum(o.batch_elements for o in outs)
+        self.counters.inversions += sources
+        return [o.latents for o in outs]
+
+    def _key(self, sha: str, inversion_prompt: str) -> str:
+        key = feature_key(sha, self.models.fingerprint, str(self.models.dtype).removeprefix("torch."), self.cfg)
+        if self.cfg.inversion_prompt:
+            key = hashlib.sha256(f"{key}|{inversion_prompt}".encode()).hexdigest()[:32]
+        return key
+
+    def source_features_many(
+        self, sources: list[tuple[bytes, str]]
+    ) -> list[tuple[torch.Tensor, str, bool, float] | Exception]:
+        """Features for several sources: store hits are loaded; the misses of one latent size and
+        inversion prompt are inverted together, `inversion_batch` sources per UNet call (one image
+        leaves a GPU half idle: on an H100 a call of 4 costs 1.8 times a call of 1) and
+        `inversion_streams` such calls side by side. A source that fails (unreadable image) gets its
+        exception in its place; the others go on.
+
+        With `inversion_batch` > 1 every call is padded with zero latents to exactly that many rows.
+        The batch size picks the kernels, and with them the last bits of each row's result; a fixed
+        size keeps a source's latents from depending on how many sources happened to share its call
+        (a resumed run, another manifest). Which rows are its neighbours, and its position among
+        them, must not matter either: no kernel mixes rows, but whether a kernel treats every
+        position alike is the hardware's business (on the 2-core CPU here it does not at 8x8
+        latents; tests/test_gpu.py checks a GPU)."""
+        results: list[Any] = [None] * len(sources)
+        todo: dict[tuple, list[tuple[int, str, str, Any, torch.Tensor]]] = {}
+        for i, (data, prompt) in enumerate(sources):
+            t0 = time.perf_counter()
+            try:
+                sha = self._sha256(data)
+                key = self._key(sha, prompt)
+                writing = self._feature_writes.get(key)
+                if writing is not None:
+                    hit = (writing[0], None)
+                else:
+                    hit = self._prefetched.pop(key, None) or self.features.get(key)
+                if hit is not None:
+                    self.counters.cache_hits += 1
+                    results[i] = (hit[0].to(self.models.device), key, True, time.perf_counter() - t0)
+                    continue
+                img = decode_image(data, self.cfg.max_pixels)
+                z0 = self.encode(resize_source(img, self.cfg.resolution, self.cfg.resize_mode))
+            except Exception as e:  # noqa: BLE001 - the caller fails this source's rows
+                results[i] = e
+                continue
+            todo.setdefault((tuple(z0.shape), prompt), []).append((i, sha, key, img.size, z0))
+        n = self.inversion_batch
+        for (_, prompt), items in todo.items():
+            chunks = [items[start : start + n] for start in range(0, len(items), n)]
+            for first in range(0, len(chunks), self.inversion_streams):
+                side_by_side = chunks[first : first + self.inversion_streams]
+                sources = sum(map(len, side_by_side))
+                t0 = time.perf_counter()
+                try:
+                    batches = []
+                    for chunk in side_by_side:
+                        parts = [z for *_, z in chunk]
+                        if n > 1 and len(chunk) < n:  # a fixed batch size: see above
+                            parts.append(parts[0].new_zeros((n - len(chunk), *parts[0].shape[1:])))
+                        batches.append(torch.cat(parts))
+                    latents = self._invert(batches, prompt, sources)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory: these sources' rows fail
+                    for chunk in side_by_side:
+                        for i, *_ in chunk:
+                            results[i] = e
+                    continue
+                seconds = (time.perf_counter() - t0) / sources
+                for chunk, lat_chunk in zip(side_by_side, latents):
+                    for j, (i, sha, key, size, _) in enumerate(chunk):
+                        lat = lat_chunk[:, j : j + 1]
+                        meta = {"image_sha256": sha, "model": self.models.fingerprint,
+                                "dtype": str(self.models.dtype), "inversion_prompt": prompt,
+                                "timesteps": self.timesteps, "width": size[0], "height": size[1]}
+                        self._store_features(key, lat, meta)
+                        results[i] = (lat, key, False, seconds)
+        return results
+
+    def _sha256(self, data: bytes) -> str:
+        """The source's sha256, computed once: prefetch already hashed the bytes it read ahead (the
+        entry holds the bytes, so their id cannot be reused while it is there)."""
+        memo = self._digests.pop(id(data), None)
+        if memo is not None and memo[0] is data:
+            return memo[1]
+        return hashlib.sha256(data).hexdigest()
+
+    def _inversion_prompt(self, row: Row) -> str:
+        return self.cfg.inversion_prompt.replace("{source_prompt}", row.source_prompt)
+
+    def prefetch(self, group: list[Row]) -> list[Row]:
+        """Read ahead for a group, from any thread (I/O only, no CUDA call): its source bytes, put
+        in the row, and its stored features, kept until source_features_many asks for them. Errors
+        are left for the translation to meet and record."""
+        i = next((j for j, r in enumerate(group) if not r.error), None)
+        if i is None:
+            return group
+        row = group[i]
+        try:
+            data = row.image_bytes if row.image_bytes is not None else storage.read_bytes(row.image)
+        except Exception:  # noqa: BLE001 - read again (and recorded) by the translation
+            return group
+        try:
+            sha = hashlib.sha256(data).hexdigest()
+            if len(self._digests) >= 64:  # source_features_many takes them back; bound what it never asks for
+                try:
+                    self._digests.pop(next(iter(self._digests)), None)
+                except (StopIteration, RuntimeError):  # the translation thread took entries meanwhile
+                    pass
+            self._digests[id(data)] = (data, sha)
+            key = self._key(sha, self._inversion_prompt(row))
+            if key not in self._feature_writes and key not in self._prefetched and len(self._prefetched) < 64:
+                hit = self.features.get(key)
+                if hit is not None:
+                    self._prefetched[key] = hit
+        except Exception as e:  # noqa: BLE001 - looked up again by the translation
+            log.debug("prefetching features: %s", type(e).__name__)
+        return [*group[:i], replace(row, image_bytes=data), *group[i + 1 :]]
+
+    def _store_features(self, key: str, lat: torch.Tensor, meta: dict[str, Any]) -> None:
+        """Write a source's features to the store in a writer thread (serialising, hashing and
+        uploading them need not hold up the GPU). Until written they are served from memory. The
+        copy to the host stays on this thread: no CUDA call from another thread can then disturb a
+        CUDA graph being recorded here. A failed write is logged; the source is inverted again the
+        next time it is needed."""
+        fut = self._writer().submit(self.features.put, key, lat.cpu(), meta)
+        self._feature_writes[key] = (lat, fut)
+        fut.add_done_callback(lambda f: self._feature_written(key, f))
+
+    def _feature_written(self, key: str, fut: Future) -> None:
+        self._feature_writes.pop(key, None)
+        e = fut.exception()
+        if e is not None:
+            log.warning("writing features %s to the store failed (%s); that source will be inverted again "
+                        "the next time it is needed", key, storage.redact(f"{type(e).__name__}: {e}")[:300])
+
+    def flush(self) -> None:
+        """Wait until every feature write started so far has finished."""
+        for _, fut in list(self._feature_writes.values()):
+            fut.exception()  # waits; a failure was logged by _feature_written
+
+    # -- the group ---------------------------------------------------------------------------
+    def _targets(self, rows: list[Row]) -> tuple[list[Target], list[str]]:
+        cfg = self.cfg
+        negs = []
+        for r in rows:
+            if cfg.negative_prompt_mode == "source":
+                negs.append(r.overrides.get("negative_prompt", r.source_prompt))
+            else:
+                negs.append(r.overrides.get("negative_prompt", cfg.negative_prompt))
+        cond = self.embed([r.target_prompt for r in rows])
+        neg = self.embed(negs)
+        alphas = (
+            blend_alphas(cfg.negative_prompt_schedule, cfg.negative_prompt_alpha, cfg.steps)
+            if cfg.negative_prompt_mode == "blend"
+            else None
+        )
+        targets = []
+        for j, r in enumerate(rows):
+            o = r.overrides
+            targets.append(
+                Target(
+                    cond=cond[j],
+                    negative=neg[j],
+                    guidance_scale=float(o.get("guidance_scale", cfg.guidance_scale)),
+                    f_steps=int(cfg.steps * float(o.get("pnp_f_t", cfg.pnp_f_t))),
+                    attn_steps=int(cfg.steps * float(o.get("pnp_attn_t", cfg.pnp_attn_t))),
+                    blend_alphas=alphas,
+                )
+            )
+        return targets, negs
+
+    def translate(self, latents: torch.Tensor, rows: list[Row]) -> tuple[np.ndarray, list[str]]:
+        """Images (K, H, W, 3) uint8 for rows sharing the source latents; targets split to fit memory."""
+        per_target = 3 if self.cfg.negative_prompt_mode == "blend" else 2
+        k_max = max(1, (self.max_batch - 1) // per_target)
+        uncond = self.embed([""])
+        images, negs = [], []
+        for start in range(0, len(rows), k_max):
+            chunk = rows[start : start + k_max]
+            targets, chunk_negs = self._targets(chunk)
+            out = pnp_sample(
+                self.models.unet,
+                self.injector,
+                self.models.scheduler_config,
+                latents,
+                uncond,
+                targets,
+                self.cfg.steps,
+                self.max_batch,
+            )
+            self.counters.sample_calls += out.unet_calls
+            self.counters.sample_elements += out.batch_elements
+            self.counters.source_elements += out.source_elements
+            images.append(self.decode(out.latents))
+            negs += chunk_negs
+        return np.concatenate(images), negs
+
+    def process(self, rows: list[Row], attempt: int = 1) -> list[dict[str, Any]]:
+        """Translate every row of a group (rows sharing one source image); one record per row."""
+        return self.process_many([rows], attempt)[0]
+
+    def process_many(self, groups: list[list[Row]], attempt: int = 1) -> list[list[dict[str, Any]]]:
+        """Translate several groups; their inversions share UNet calls (see source_features_many).
+
+        Images are written before the records are returned (the record that says "done" comes
+        last). A failure of a source (unreadable image) fails every row of its group; a failure
+        in sampling fails the rows of that group only. Nothing raises except worker loss.
+        """
+        return [resolve(records) for records in self.start_many(groups, attempt)]
+
+    def start_many(self, groups: list[list[Row]], attempt: int = 1) -> list[list[dict[str, Any] | Future]]:
+        """process_many, returning as soon as the GPU work is done: a translated row's record is a
+        Future that resolves once its image is written (threads encode and upload it). The caller
+        can start the next groups meanwhile, and must `resolve` the records before using them."""
+        prepared: list[tuple[list[dict[str, Any]], list[Row], int | None]] = []
+        sources: list[tuple[bytes, str]] = []
+        for group in groups:
+            records = [self._record(r, "failed", error=r.error, attempt=attempt)
+                       for r in group if r.error and not r.companion]
+            rows = [r for r in group if not r.error]
+            if all(r.companion for r in rows):  # nothing of this group left to translate
+                prepared.append((records, rows, None))
+                continue
+            first = rows[0]
+            try:
+                data = first.image_bytes if first.image_bytes is not None else storage.read_bytes(first.image)
+            except Exception as e:  # noqa: BLE001 - a bad source is data: every row of the group fails
+                records += self._source_failed(rows, e, attempt)
+                prepared.append((records, [], None))
+                continue
+            prepared.append((records, rows, len(sources)))
+            sources.append((data, self._inversion_prompt(first)))
+        feats = self.source_features_many(sources) if sources else []
+        out = []
+        for records, rows, idx in prepared:
+            if idx is not None:
+                f = feats[idx]
+                records += self._source_failed(rows, f, attempt) if isinstance(f, Exception) else self._finish(
+                    rows, *f, attempt=attempt)
+            out.append(records)
+        return out
+
+    def _source_failed(self, rows: list[Row], e: Exception, attempt: int) -> list[dict[str, Any]]:
+        msg = _row_message(e, rows[0])
+        log.warning("source %s failed: %s", rows[0].image or rows[0].id, msg)
+        return [self._record(r, "failed", error=msg, attempt=attempt) for r in rows if not r.companion]
+
+    def _finish(self, rows: list[Row], latents: torch.Tensor, key: str, hit: bool, t_inv: float,
+                attempt: int) -> list[dict[str, Any]]:
+        """Sample and decode the images of one group, write those of the rows to do (not of the
+        companions: see Row.companion), and build their records."""
+        first = rows[0]
+        h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
+        try:
+            t0 = time.perf_counter()
+            images, negs = self.translate(latents, rows)
+            t_tr = (time.perf_counter() - t0) / len(rows)
+        except Exception as e:
+            msg = _row_message(e, first)
+            log.exception("translation of %d rows from %s failed", len(rows), first.image or first.id)
+            return [self._record(r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt)
+                    for r in rows if not r.companion]
+        records: list[dict[str, Any] | Future] = []
+        for r, img, neg in zip(rows, images, negs):
+            if r.companion:
+                continue
+            uri = output_uri(self.out, r.id, self.cfg.output_format)
+            ok = self._record(
+                r, "ok", output=uri, negative=neg, feature_key=key, cache_hit=hit, width=w, height=h,
+                invert_seconds=t_inv if not hit else 0.0, translate_seconds=t_tr, attempt=attempt,
+                warning=self.prompt_warning(r.target_prompt),
+            )
+            records.append(self._writer().submit(self._write_image, r, uri, img, ok))
+        return records
+
+    def _write_image(self, r: Row, uri: str, img: np.ndarray, ok: dict[str, Any]) -> dict[str, Any]:
+        """Encode and write one image (in a writer thread); its ok record, or a failed one saying why."""
+        try:
+            storage.write_bytes_atomic(uri, encode_image(img, self.cfg.output_format))
+        except Exception as e:  # noqa: BLE001 - this row fails; the others go on
+            return self._record(r, "failed", error=_row_message(e, r), feature_key=ok["feature_key"],
+                                attempt=ok["attempt"])
+        return {**ok, "finished_at": datetime.now(timezone.utc)}
+
+    def _writer(self) -> ThreadPoolExecutor:
+        if self._write_pool is None:
+            # PNG/WebP encoding and uploads release the GIL: a few threads keep up with a GPU
+            self._write_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="write")
+        return self._write_pool
+
+    def close(self) -> None:
+        """Wait for images and features still being written and stop the writer threads."""
+        if self._write_pool is not None:
+            self._write_pool.shutdown(wait=True)
+            self._write_pool = None
+
+    def _record(self, r: Row, status: str, error: str | None = None, output: str | None = None,
+                negative: str | None = None, feature_key: str | None = None, cache_hit: bool | None = None,
+                width: int | None = None, height: int | None = None, invert_seconds: float | None = None,
+                translate_seconds: float | None = None, attempt: int = 1, warning: str | None = None) -> dict:
+        model = self.models.fingerprint + (f" ({TEST_MODEL_NOTE})" if self.models.is_test_model else "")
+        return row_record(
+            r, self.cfg, status, model, self.worker, attempt, error=error, warning=warning, output=output,
+            negative_prompt=negative, feature_key=feature_key, feature_cache_hit=cache_hit, width=width,
+            height=height, invert_seconds=invert_seconds, translate_seconds=translate_seconds,
+        )
+
+
+def _row_message(e: BaseException, row: Row) -> str:
+    """A one-line reason for a failed row, without credentials."""
+    if isinstance(e, FileNotFoundError):
+        msg = f"image not found: {row.image}"
+    elif isinstance(e, RowError):
+        msg = str(e)
+    elif isinstance(e, torch.cuda.OutOfMemoryError):
+        msg = "out of GPU memory (lower batch_size or resolution)"
+    else:
+        msg = f"{type(e).__name__}: {e}"
+    return storage.redact(msg.splitlines()[0] if msg else type(e).__name__)[:500]
+
+
