@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from pnp_batch.eval.tiny import BUILDERS, tiny_build_name, tiny_dir
-from pnp_batch.models import ModelLoadError, hub_problem, resolve_device, resolve_dtype
+from pnp_batch.models.load import ModelLoadError, hub_problem, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 

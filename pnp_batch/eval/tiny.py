@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pnp_batch.models import TOKENIZER_ASSETS, cache_dir
+from pnp_batch.models.tiny import TOKENIZER_ASSETS, cache_dir
 
 log = logging.getLogger(__name__)
 
