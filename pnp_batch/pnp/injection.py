@@ -1,9 +1,10 @@
 """PnP injection: one controller, a self-attention processor and a conv2 forward hook (PNP_SPEC.md §4).
 
 Everything goes through diffusers' own extension points: `unet.set_attn_processor` with the standard
-processor call signature for the 8 decoder self-attention layers, and a forward hook on
-`up_blocks[1].resnets[1].conv2`. No module's forward is replaced and no state hangs on modules: the
-`PnPController` holds the step and which batch rows receive the source's features.
+processor call signature for the injected self-attention layers, and a forward hook on the `conv2` of
+each injected resnet; which ones is data (layers.py: SD's are the 8 decoder self-attention layers
+4-11 and `up_blocks[1].resnets[1]`). No module's forward is replaced and no state hangs on modules:
+the `PnPController` holds the step and which batch rows receive the source's features.
 
 Batch convention: when a UNet call carries the source branch, it is row 0; every other row is a
 target element (unconditional/negative/conditional copies of the K targets). When a target batch is
@@ -18,19 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# up_blocks index -> attention indices whose attn1 is injected: decoder layers 4 to 11.
-ATTN_LAYERS: dict[int, tuple[int, ...]] = {1: (1, 2), 2: (0, 1, 2), 3: (0, 1, 2)}
-CONV_BLOCK = (1, 1)  # up_blocks[1].resnets[1]
-
-
-def attn_processor_names() -> list[str]:
-    """The attention-processor keys (as in `unet.attn_processors`) of the injected layers."""
-    return [
-        f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1.processor"
-        for b, idx in ATTN_LAYERS.items()
-        for a in idx
-    ]
-
+from pnp_batch.pnp.layers import InjectionPoints, injection_points
 
 Rows = slice | torch.Tensor | None
 
@@ -131,26 +120,28 @@ class PnPAttnProcessor:
 class PnPInjector:
     """Installs the processors and the conv hook on a UNet once; the controller drives them."""
 
-    def __init__(self, unet) -> None:
+    def __init__(self, unet, points: InjectionPoints | None = None) -> None:
         self.unet = unet
+        self.points = points if points is not None else injection_points(unet)
         self.controller = PnPController()
         procs = dict(unet.attn_processors)
         self._original = dict(procs)
-        names = attn_processor_names()
-        missing = [n for n in names if n not in procs]
-        if missing:
-            raise ValueError(f"the UNet lacks PnP's injection layers {missing}; see PNP_SPEC.md section 7")
-        for n in names:
-            procs[n] = PnPAttnProcessor(self.controller, n.removesuffix(".processor"))
+        for layer in self.points.attn_layers:
+            procs[f"{layer}.processor"] = PnPAttnProcessor(self.controller, layer)
         unet.set_attn_processor(procs)
-        b, r = CONV_BLOCK
-        self.conv_module = unet.up_blocks[b].resnets[r].conv2
-        self._hook = self.conv_module.register_forward_hook(self._conv_hook)
+        self._hooks = [
+            unet.get_submodule(block).conv2.register_forward_hook(self._conv_hook(f"conv:{block}"))
+            for block in self.points.feature_blocks
+        ]
 
-    def _conv_hook(self, module, inputs, output):
-        return self.controller.inject("conv", output, self.controller.conv_rows)
+    def _conv_hook(self, name: str):
+        def hook(module, inputs, output):
+            return self.controller.inject(name, output, self.controller.conv_rows)
+
+        return hook
 
     def remove(self) -> None:
-        """Take the hook off and give the UNet back its original attention processors."""
-        self._hook.remove()
+        """Take the hooks off and give the UNet back its original attention processors."""
+        for h in self._hooks:
+            h.remove()
         self.unet.set_attn_processor(self._original)
