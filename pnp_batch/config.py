@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ class PipelineConfig:
     channels_last: bool = False
     cuda_graphs: bool | str = "auto"
     cudnn_benchmark: bool = False
+    model_config: str = "auto"
+    lora: tuple[str, ...] = ()
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -77,6 +80,13 @@ class PipelineConfig:
         for k in ("name", "device", "batch_size", "inversion_batch", "inversion_streams", "compile", "channels_last",
                   "cuda_graphs", "cudnn_benchmark", "max_pixels"):
             d.pop(k, None)
+        # Keys added later count only when set, so configs that do not use them keep their hash.
+        if d.get("model_config") == "auto":
+            d.pop("model_config")
+        if d.get("lora"):
+            d["lora"] = [lora_identity(spec) for spec in d["lora"]]
+        else:
+            d.pop("lora", None)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -124,6 +134,27 @@ def inversion_timesteps(steps: int) -> list[int]:
     return leading_timesteps(steps)
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """`PATH_OR_ID[:SCALE]` -> (path or hub id, scale); the scale defaults to 1.0."""
+    source, sep, tail = spec.rpartition(":")
+    if sep and source:
+        try:
+            return source, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def lora_identity(spec: str) -> str:
+    """What a LoRA entry contributes to the config hash: the file's content hash (a local file) or
+    its hub id, and the scale; so two copies of one adapter give one hash and an edited file another."""
+    from pnp_batch.filehash import file_sha256
+
+    source, scale = parse_lora(spec)
+    ident = f"sha256:{file_sha256(source)}" if os.path.isfile(source) else source
+    return f"{ident}@{scale!r}"
+
+
 def validate(cfg: PipelineConfig) -> None:
     """Raise ConfigError naming the key and the allowed values."""
 
@@ -166,6 +197,15 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"max_pixels={cfg.max_pixels!r} must be a positive whole number")
     if not isinstance(cfg.seed, int):
         raise ConfigError(f"seed={cfg.seed!r} must be a whole number")
+    if not isinstance(cfg.model_config, str) or not cfg.model_config:
+        raise ConfigError("model_config must be 'auto', a family name (sd15, sd21, sd21-base, sdxl) or a local "
+                          "diffusers folder")
+    if not isinstance(cfg.lora, tuple) or not all(isinstance(s, str) and s for s in cfg.lora):
+        raise ConfigError(f"lora={cfg.lora!r} must be a list of PATH_OR_ID[:SCALE] entries")
+    for spec in cfg.lora:
+        source, scale = parse_lora(spec)
+        if not source or not -10.0 <= scale <= 10.0:
+            raise ConfigError(f"lora entry {spec!r} must be PATH_OR_ID[:SCALE] with a scale from -10 to 10")
     err = _steps_error(cfg)
     if err:
         raise ConfigError(err)
@@ -178,12 +218,15 @@ def _coerce(key: str, value: Any) -> Any:
     """Turn a YAML/--set value into the field's type; strings from --set are parsed as YAML."""
     if key not in _FIELDS:
         raise ConfigError(f"unknown pipeline key {key!r}; known keys: {', '.join(sorted(_FIELDS))}")
-    if isinstance(value, str) and key not in ("model", "revision", "inversion_prompt", "negative_prompt", "name"):
+    if isinstance(value, str) and key not in ("model", "model_config", "revision", "inversion_prompt", "negative_prompt",
+                                              "name"):
         try:
             value = yaml.safe_load(value) if value != "" else value
         except yaml.YAMLError:
             pass
     typ = _FIELDS[key].type
+    if key == "lora":
+        return _coerce_lora(value)
     if value is None and key in ("inversion_prompt", "negative_prompt"):
         value = ""
     try:
@@ -200,6 +243,17 @@ def _coerce(key: str, value: Any) -> Any:
     if typ in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ConfigError(f"{key}={value!r} must be a number")
     return value
+
+
+def _coerce_lora(value: Any) -> tuple[str, ...]:
+    """`lora`: a YAML list (`[a.safetensors:0.8, b.safetensors]`), one entry, or nothing."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"lora={value!r} must be a list of PATH_OR_ID[:SCALE] entries, e.g. [style.safetensors:0.8]")
 
 
 def preset_names() -> list[str]:

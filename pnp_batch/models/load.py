@@ -13,6 +13,8 @@ import torch
 
 from pnp_batch.config import PipelineConfig
 from pnp_batch.errors import UsageError
+from pnp_batch.models.lora import apply_loras, lora_fingerprint, resolve_loras
+from pnp_batch.models.single_file import is_single_file, load_single_file, single_file_fingerprint
 from pnp_batch.models.tiny import TINY_VERSION, tiny_model_dir
 
 log = logging.getLogger(__name__)
@@ -142,7 +144,7 @@ def model_available(cfg: PipelineConfig) -> str | None:
     model = cfg.model
     if model == "tiny" or os.path.isdir(model) or os.path.isfile(model):
         return None
-    if model.startswith(("/", "./", "../")) or model.endswith((".safetensors", ".ckpt")):
+    if model.startswith(("/", "./", "../")) or is_single_file(model):
         return f"{model!r} does not exist"
     try:
         from huggingface_hub import snapshot_download
@@ -175,9 +177,8 @@ def load_models(cfg: PipelineConfig) -> Models:
         parts = _load_folder(path, None, dtype, local_only=True)
         fingerprint = f"folder:{_folder_fingerprint(path)}"
         is_test = (path / "PNP_BATCH_TEST_MODEL.json").is_file()
-    elif model.endswith((".safetensors", ".ckpt")):
-        parts = _load_single_file(model, dtype)
-        fingerprint = f"file:{os.path.basename(model)}:{os.path.getsize(model)}"
+    elif is_single_file(model):
+        parts, fingerprint = _load_single_file(model, cfg.model_config, dtype)
     elif os.path.exists(model) or model.startswith(("/", "./", "../")):
         raise ModelLoadError(f"model path {model!r} does not exist or is not a diffusers folder or checkpoint file")
     else:
@@ -202,6 +203,9 @@ def load_models(cfg: PipelineConfig) -> Models:
         raise ModelLoadError(f"model {model!r} uses prediction_type={pred!r}; pnp-batch supports epsilon and v_prediction")
     if model != "tiny" and not (unet.up_blocks[1].resnets and len(unet.up_blocks) == 4):
         raise ModelLoadError(f"model {model!r} does not have Stable Diffusion 1.x/2.x's UNet layout; see PNP_SPEC.md §7")
+    loras = resolve_loras(cfg.lora)  # LoRA adapters (models/lora.py): checked against the model, then fused
+    apply_loras(unet, {"text_encoder": text_encoder}, loras)
+    fingerprint += lora_fingerprint(loras)
     return Models(
         vae=vae,
         text_encoder=text_encoder,
@@ -216,19 +220,11 @@ def load_models(cfg: PipelineConfig) -> Models:
     )
 
 
-def _load_single_file(path: str, dtype: torch.dtype) -> tuple:
-    """A single .safetensors/.ckpt checkpoint via diffusers' from_single_file."""
-    from diffusers import StableDiffusionPipeline
-
-    if not os.path.isfile(path):
-        raise ModelLoadError(f"checkpoint file {path!r} does not exist")
-    try:
-        pipe = StableDiffusionPipeline.from_single_file(path, torch_dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(
-            f"could not load checkpoint {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
-            "diffusers reads the matching model configuration from the hub (cached after the first use); "
-            "offline, convert the checkpoint once to a diffusers folder and pass that folder."
-        ) from e
-    sched = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
-    return pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, sched
+def _load_single_file(path: str, model_config: str, dtype: torch.dtype) -> tuple[tuple, str]:
+    """A single .safetensors/.ckpt checkpoint, offline (models/single_file.py); its parts and fingerprint."""
+    pipe, family, config_name, folder = load_single_file(path, model_config, dtype)
+    if family == "sdxl":
+        raise ModelLoadError(f"checkpoint {path!r} is an SDXL model; SDXL checkpoints load through the SDXL backbone")
+    sched = _scheduler_config(str(folder), {"local_files_only": True})
+    parts = (pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, sched)
+    return parts, single_file_fingerprint(path, config_name)
