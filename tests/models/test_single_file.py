@@ -11,12 +11,12 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from ldm_layout import to_ldm_checkpoint  # tests/models/ldm_layout.py (pytest puts this folder on sys.path)
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -24,9 +24,6 @@ from pnp_batch.config import load_config
 from pnp_batch.io.features import feature_key
 from pnp_batch.models.load import load_models
 from pnp_batch.models.single_file import CheckpointError, family_config_dir, inspect_checkpoint
-
-sys.path.insert(0, str(Path(__file__).parent))
-from ldm_layout import to_ldm_checkpoint  # noqa: E402
 
 FAST = {"steps": 4, "inversion_steps": 4, "resolution": 64}
 
