@@ -170,3 +170,29 @@ def test_shipped_configurations_are_complete_offline_folders(family, cross, pred
     size = sum(p.stat().st_size for p in Path(__file__).parents[2].joinpath(
         "pnp_batch", "assets", "model_configs").rglob("*") if p.is_file())
     assert size < 100_000  # configs only
+
+
+@pytest.mark.parametrize("keys,reason", [
+    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3),
+      "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768)},
+     r"inpainting or other image-conditioned model \(its UNet takes 9 input channels"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (384, 4, 3, 3),
+      "conditioner.embedders.0.model.token_embedding.weight": (49408, 1280)}, r"SDXL refiner"),
+    ({"first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3)}, r"no 'model.diffusion_model.\*' UNet weights"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}, r"architecture not recognised"),
+])
+def test_checkpoints_that_are_not_sd_text_to_image_are_refused(tmp_path, keys, reason):
+    path = tmp_path / "odd.safetensors"
+    save_file({k: torch.zeros(s) for k, s in keys.items()}, str(path))
+    with pytest.raises(CheckpointError, match=rf"odd\.safetensors.*{reason}"):
+        inspect_checkpoint(str(path), "auto")
+
+
+def test_sdxl_layout_is_recognised(tmp_path):
+    from pnp_batch.models.single_file import detect_family
+
+    shapes = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+              "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+              "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+              "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280)}
+    assert detect_family("x.safetensors", shapes) == "sdxl"
