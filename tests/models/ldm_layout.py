@@ -28,10 +28,11 @@ def _sub(key: str, table: dict[str, str]) -> str:
 def unet_to_ldm(sd: dict[str, torch.Tensor], layers_per_block: int, n_blocks: int) -> dict[str, torch.Tensor]:
     out = {}
     top = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+           "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",  # SDXL
            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
     for key, value in sd.items():
         parts = key.split(".")
-        prefix = ".".join(parts[:2]) if parts[0] in ("time_embedding",) else parts[0]
+        prefix = ".".join(parts[:2]) if parts[0] in ("time_embedding", "add_embedding") else parts[0]
         if prefix in top:
             new = top[prefix] + key[len(prefix):]
         elif parts[0] == "down_blocks":
@@ -97,29 +98,33 @@ def vae_to_ldm(sd: dict[str, torch.Tensor], n_blocks: int) -> dict[str, torch.Te
     return out
 
 
-def clip_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 1.x: the HF CLIP text model under cond_stage_model.transformer.text_model."""
+def clip_to_ldm(sd: dict[str, torch.Tensor], prefix: str = "cond_stage_model.transformer.") -> dict[str, torch.Tensor]:
+    """SD 1.x (and SDXL's first encoder, prefix conditioner.embedders.0.transformer.): the HF CLIP text
+    model under PREFIX + text_model."""
     out = {}
     for key, value in sd.items():
         if key.endswith("position_ids"):
             continue
         k = key.removeprefix("text_model.")
-        out["cond_stage_model.transformer.text_model." + k] = value
+        out[prefix + "text_model." + k] = value
     return out
 
 
-def open_clip_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 2.x: OpenCLIP's layout under cond_stage_model.model., q/k/v fused into in_proj."""
+def open_clip_to_ldm(sd: dict[str, torch.Tensor], prefix: str = "cond_stage_model.model.") -> dict[str, torch.Tensor]:
+    """SD 2.x (and SDXL's second encoder, prefix conditioner.embedders.1.model.): OpenCLIP's layout,
+    q/k/v fused into in_proj, the projection (if any) stored transposed."""
     sd = {k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("position_ids")}
-    out = {"cond_stage_model.model.token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
-           "cond_stage_model.model.positional_embedding": sd.pop("embeddings.position_embedding.weight"),
-           "cond_stage_model.model.ln_final.weight": sd.pop("final_layer_norm.weight"),
-           "cond_stage_model.model.ln_final.bias": sd.pop("final_layer_norm.bias")}
+    out = {prefix + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           prefix + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           prefix + "ln_final.weight": sd.pop("final_layer_norm.weight"),
+           prefix + "ln_final.bias": sd.pop("final_layer_norm.bias")}
+    if "text_projection.weight" in sd:
+        out[prefix + "text_projection"] = sd.pop("text_projection.weight").T
     layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
     names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
              "self_attn.out_proj": "attn.out_proj"}
     for i in layers:
-        src, dst = f"encoder.layers.{i}.", f"cond_stage_model.model.transformer.resblocks.{i}."
+        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             out[dst + f"attn.in_proj_{kind}"] = torch.cat(
                 [sd.pop(src + f"self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")])
@@ -129,11 +134,16 @@ def open_clip_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_ldm_checkpoint(unet, vae, text_encoder, text_layout: str = "clip") -> dict[str, torch.Tensor]:
-    """One state dict in the original single-file layout ('clip': SD 1.x, 'open_clip': SD 2.x)."""
+def to_ldm_checkpoint(unet, vae, text_encoder, text_layout: str = "clip", text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """One state dict in the original single-file layout ('clip': SD 1.x, 'open_clip': SD 2.x, 'sdxl':
+    CLIP-L as conditioner.embedders.0 and OpenCLIP bigG as conditioner.embedders.1)."""
     n = len(unet.config.block_out_channels)
     ckpt = unet_to_ldm(unet.state_dict(), unet.config.layers_per_block, n)
     ckpt.update(vae_to_ldm(vae.state_dict(), len(vae.config.block_out_channels)))
     te = text_encoder.state_dict()
-    ckpt.update(clip_to_ldm(te) if text_layout == "clip" else open_clip_to_ldm(te))
+    if text_layout == "sdxl":
+        ckpt.update(clip_to_ldm(te, "conditioner.embedders.0.transformer."))
+        ckpt.update(open_clip_to_ldm(text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
+    else:
+        ckpt.update(clip_to_ldm(te) if text_layout == "clip" else open_clip_to_ldm(te))
     return {k: v.detach().clone().contiguous() for k, v in ckpt.items()}

@@ -196,3 +196,59 @@ def test_sdxl_layout_is_recognised(tmp_path):
               "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
               "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280)}
     assert detect_family("x.safetensors", shapes) == "sdxl"
+
+
+def _tiny_sdxl_folder(out: Path) -> Path:
+    """An SDXL-topology pipeline with tiny widths (three down/up blocks, the first without attention,
+    two text encoders of different widths, `text_time` conditioning), saved as a diffusers folder."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from pnp_batch.models.tiny import TOKENIZER_ASSETS, sd_vae
+
+    tok = CLIPTokenizer(vocab=str(TOKENIZER_ASSETS / "vocab.json"), merges=str(TOKENIZER_ASSETS / "merges.txt"),
+                        model_max_length=77)
+
+    def text(width: int, cls):
+        return cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                  projection_dim=width, hidden_act="gelu", bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+    torch.manual_seed(0)
+    te1, te2 = text(32, CLIPTextModel), text(64, CLIPTextModelWithProjection)
+    unet = UNet2DConditionModel(
+        sample_size=32, layers_per_block=2, block_out_channels=(16, 32, 32), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), cross_attention_dim=96,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 64)
+    pipe = StableDiffusionXLPipeline(
+        vae=sd_vae((8, 16, 16, 16), layers_per_block=1, norm_num_groups=4), text_encoder=te1, text_encoder_2=te2,
+        tokenizer=tok, tokenizer_2=tok, unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         steps_offset=1, timestep_spacing="leading"))
+    pipe.save_pretrained(out)
+    return out
+
+
+def test_sdxl_checkpoint_loads_offline_to_the_same_pipeline(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    from pnp_batch.models.single_file import load_single_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = _tiny_sdxl_folder(tmp_path / "tiny-sdxl")
+    ref = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    path = tmp_path / "tiny-sdxl.safetensors"
+    save_file(to_ldm_checkpoint(ref.unet, ref.vae, ref.text_encoder, "sdxl", ref.text_encoder_2), str(path))
+    assert "model.diffusion_model.label_emb.0.0.weight" in load_file(str(path))
+    with pytest.raises(CheckpointError, match=r"tiny-sdxl\.safetensors' has UNet width 16, its configuration .*320"):
+        inspect_checkpoint(str(path), "auto")  # recognised as SDXL; the shipped full-size config does not fit
+    pipe, family, _name, _folder = load_single_file(str(path), str(folder), torch.float32)
+    assert family == "sdxl" and isinstance(pipe, StableDiffusionXLPipeline)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(ref, name).state_dict(), getattr(pipe, name).state_dict()
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k]) for k in a), name
