@@ -181,3 +181,27 @@ def test_bad_lora_and_unrecognised_checkpoint_exit_2_before_any_work(tmp_path, t
         assert rc == 2, err
         assert re.search(message, err), err
         assert not (out / "images").exists() and not (out / "results").exists()
+
+
+def test_a_checkpoint_file_with_a_lora_runs_end_to_end(tmp_path, tiny_models, tiny_model_dir, lora_file):
+    """`pnp-batch run` with model = a single-file checkpoint and a LoRA: the records name the model
+    by content hash, configuration and adapter; a second run with a copy of the file reuses the features."""
+    import pyarrow.dataset as ds
+    from ldm_layout import to_ldm_checkpoint
+
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file(to_ldm_checkpoint(tiny_models.unet, tiny_models.vae, tiny_models.text_encoder), str(ckpt))
+    (tmp_path / "src.png").write_bytes(_png())
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,image,target_prompt\nr0,src.png,a fox\n")
+    models = []
+    for i, path in enumerate([ckpt, shutil.copyfile(ckpt, tmp_path / "copy.safetensors")]):
+        rc = main(["run", str(manifest), "--out", str(tmp_path / f"out{i}"), "--pipeline", "tiny", "--no-report",
+                   "--features", str(tmp_path / "features"), *FAST_SET, "--set", f"model={path}",
+                   "--set", f"model_config={tiny_model_dir}", "--set", f"lora=[{lora_file}:0.5]"])
+        assert rc == 0
+        rec = ds.dataset(str(tmp_path / f"out{i}" / "results")).to_table().to_pylist()[0]
+        assert rec["status"] == "ok" and rec["model"].startswith("file:sha256:") and "+lora:sha256:" in rec["model"]
+        assert rec["feature_cache_hit"] is (i == 1)
+        models.append(rec["model"])
+    assert models[0] == models[1]
