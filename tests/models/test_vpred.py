@@ -57,18 +57,19 @@ def test_tiny_v_is_tiny_with_v_prediction(tiny_v, tiny_models):
 
 @pytest.mark.slow
 def test_v_prediction_inversion_round_trip_converges(tiny_v):
-    """Relative L2 error measured: 0.0040 at 50 steps, 0.00098 at 200 (first order: 4x smaller for a
-    4x smaller step). With eps = v (no conversion) it is 0.93 at both: the error does not shrink."""
+    """Relative L2 error measured: 0.011 at 20 steps, 0.0023 at 80 (first order: about 4x smaller for
+    a 4x smaller step; 0.0040 at 50, 0.00098 at 200). With eps = v (no conversion) it is 0.91 at both:
+    the error does not shrink."""
     g = torch.Generator().manual_seed(0)
     img = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
     with torch.no_grad():
         z0 = tiny_v.vae.encode(img).latent_dist.mean * tiny_v.scaling_factor
     cond = _text(tiny_v, [""])
-    err50 = _round_trip(tiny_v, z0, cond, 50)
-    err200 = _round_trip(tiny_v, z0, cond, 200)
-    assert err50 < 0.01, err50
-    assert err200 < 0.003, err200
-    assert err200 * 2.5 < err50, (err50, err200)
+    err20 = _round_trip(tiny_v, z0, cond, 20)
+    err80 = _round_trip(tiny_v, z0, cond, 80)
+    assert err20 < 0.03, err20
+    assert err80 < 0.006, err80
+    assert err80 * 2.5 < err20, (err20, err80)
 
 
 def _png(seed: int, size: int) -> bytes:
