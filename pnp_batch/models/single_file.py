@@ -69,7 +69,7 @@ def read_shapes(path: str) -> dict[str, tuple[int, ...]]:
 
             with safe_open(path, framework="pt") as f:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        sd = _torch_load(path)
     except Exception as e:  # unreadable, truncated, not a checkpoint: all unusable input
         raise CheckpointError(f"checkpoint {path!r} could not be read: {type(e).__name__}: {e}") from e
     while isinstance(sd, dict) and "state_dict" in sd:
@@ -77,6 +77,17 @@ def read_shapes(path: str) -> dict[str, tuple[int, ...]]:
     if not isinstance(sd, dict):
         raise CheckpointError(f"checkpoint {path!r} holds no state dict (a {type(sd).__name__})")
     return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _torch_load(path: str) -> Any:
+    """A .ckpt's tensors without running its pickled code (weights_only); memory-mapped where the
+    file is in torch's zip format, read whole where it is the legacy format."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def detect_family(path: str, shapes: dict[str, tuple[int, ...]]) -> str:
