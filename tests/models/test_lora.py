@@ -205,3 +205,29 @@ def test_a_checkpoint_file_with_a_lora_runs_end_to_end(tmp_path, tiny_models, ti
         assert rec["feature_cache_hit"] is (i == 1)
         models.append(rec["model"])
     assert models[0] == models[1]
+
+
+def test_a_hub_lora_that_is_not_available_offline_is_refused(tiny_models, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    specs = resolve_loras(["nobody/no-such-lora:0.5"])
+    assert specs[0].identity == "hub:nobody/no-such-lora" and specs[0].scale == 0.5
+    with pytest.raises(LoraError, match=r"'nobody/no-such-lora' could not be read as a LoRA adapter"):
+        apply_loras(copy.deepcopy(tiny_models.unet), {"text_encoder": tiny_models.text_encoder}, specs)
+    with pytest.raises(LoraError, match=r"'/no/such/file.safetensors' does not exist"):
+        resolve_loras(["/no/such/file.safetensors:0.5"])
+
+
+def test_configs_without_the_new_keys_keep_their_hash():
+    """model_config and lora count in the config hash only when set: results made before they existed
+    are not reported as made with another configuration."""
+    import hashlib
+    import json
+
+    for preset in ("tiny", "sd21-base", "sd15"):
+        cfg = load_config(preset)
+        d = cfg.to_dict()
+        for k in ("name", "device", "batch_size", "inversion_batch", "inversion_streams", "compile", "channels_last",
+                  "cuda_graphs", "cudnn_benchmark", "max_pixels", "model_config", "lora"):
+            d.pop(k)
+        assert cfg.hash() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        assert cfg.replace(model_config="sd15").hash() != cfg.hash()
