@@ -15,7 +15,13 @@ from PIL import Image
 
 from pnp_batch.cli import main
 from pnp_batch.io import results
-from pnp_batch.io.results import RESULT_SCHEMA, RESULTS_SCHEMA_VERSION, ResultWriter, schema_version, status_report
+from pnp_batch.io.results import (
+    RESULT_SCHEMA,
+    RESULTS_SCHEMA_VERSION,
+    ResultWriter,
+    schema_version,
+    status_report,
+)
 
 FAST = ["--pipeline", "tiny", "--set", "steps=4", "--set", "inversion_steps=4", "--set", "resolution=64",
         "--no-report"]
