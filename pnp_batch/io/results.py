@@ -28,6 +28,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pnp_batch.io import storage
+from pnp_batch.io.done_index import DoneIndex
 
 logger = logging.getLogger(__name__)
 
@@ -329,13 +330,16 @@ def _read_indexed(out_uri: str, columns: list[str] | None) -> tuple[pa.Table, li
     return _concat(tables), file_index
 
 
+def done_index(out_uri: str, config_hash: str | None = None) -> DoneIndex:
+    """Every id with a record and its latest status, as sorted arrays (the resume index; see
+    :mod:`pnp_batch.io.done_index`). With ``config_hash``, also which latest records were made under another."""
+    return DoneIndex.from_files(result_files(out_uri), config_hash)
+
+
 def load_latest(out_uri: str) -> dict[str, str]:
-    """id → status of its latest record over all shards; {} when there are none (resume index)."""
-    table, file_index = _read_indexed(out_uri, ["id", "status", "finished_at"])
-    if table.num_rows == 0:
-        return {}
-    table = _ordered(table, file_index)
-    return dict(zip(table.column("id").to_pylist(), table.column("status").to_pylist()))
+    """id → status of its latest record over all shards; {} when there are none. A Python dict of
+    every id: for small outputs and tests; planning and status use :func:`done_index`."""
+    return done_index(out_uri).to_dict()
 
 
 def latest_results(out_uri: str, columns: list[str] | None = None) -> pa.Table:
@@ -442,23 +446,16 @@ class StatusReport:
 
 
 def status_report(out_uri: str) -> StatusReport:
-    """Counts of done / failed / pending for ``OUT`` and the failed rows with their errors."""
+    """Counts of done / failed / pending for ``OUT`` and the failed rows with their errors.
+
+    Streams: the done-index holds the ids as one sorted array, and the manifest's ids are looked up
+    in it a batch at a time, so ten million rows take well under a gigabyte."""
     report = StatusReport(out_uri=out_uri, results_location=results_dir(out_uri))
-    report.result_files = len(result_files(out_uri))
-    latest = latest_results(out_uri, ["status", "error"])
-    status_by_id: dict[str, str] = {}
-    if latest.num_rows:
-        ids = latest.column("id").to_pylist()
-        statuses = latest.column("status").to_pylist()
-        errors = latest.column("error").to_pylist()
-        status_by_id = dict(zip(ids, statuses))
-        for rid, st, err in zip(ids, statuses, errors):
-            if st == "ok":
-                report.done += 1
-            else:
-                report.failed += 1
-                if len(report.failures) < _MAX_FAILED_LISTED:
-                    report.failures.append((rid, err or "(no message)"))
+    files = result_files(out_uri)
+    report.result_files = len(files)
+    index = DoneIndex.from_files(files)
+    report.done, report.failed = index.ok_count, index.failed_count
+    report.failures = [(rid, err or "(no message)") for rid, err in index.failures(_MAX_FAILED_LISTED)]
     runs = read_run_summaries(out_uri)
     report.runs = len(runs)
     if runs:
@@ -470,13 +467,11 @@ def status_report(out_uri: str) -> StatusReport:
 
             m = open_manifest(report.manifest)
             rows = pending = done_here = 0
-            for _, rid in m.iter_ids():
-                rows += 1
-                st = status_by_id.get(rid)
-                if st is None:
-                    pending += 1
-                elif st == "ok":
-                    done_here += 1
+            for _, ids in m.iter_id_batches():
+                found, ok = index.lookup(ids)
+                rows += len(ids)
+                pending += int((~found).sum())
+                done_here += int(ok.sum())
             report.manifest_rows, report.pending, report.done_in_manifest = rows, pending, done_here
         except (ManifestError, OSError) as e:
             report.manifest_error = f"manifest unreadable: {storage.redact(str(e))}"
