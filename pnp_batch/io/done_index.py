@@ -106,7 +106,7 @@ class DoneIndex:
 
     @classmethod
     def _latest(cls, scan: _Scan, files: list[str]) -> DoneIndex:
-        ids = pa.chunked_array(scan.ids, ID_TYPE)
+        ids = as_ids(pa.chunked_array(scan.ids, ID_TYPE))  # one contiguous array: sorts without merging
         scan.ids.clear()
         finished = np.concatenate(scan.finished)
         scan.finished.clear()
@@ -114,16 +114,21 @@ class DoneIndex:
         order = pc.sort_indices(
             pa.table({"id": ids, "f": finished}), sort_keys=[("id", "ascending"), ("f", "ascending")]
         )
-        ids = as_ids(ids.take(order))
+        ids = ids.take(order)
         order = order.to_numpy()
         n = len(ids)
         last = np.ones(n, dtype=bool)
         if n > 1:
             last[:-1] = pc.not_equal(ids.slice(0, n - 1), ids.slice(1)).to_numpy(zero_copy_only=False)
-        keep = order[last]
+        unique = bool(last.all())  # the usual case: one record per id, nothing to drop
+        keep = order if unique else order[last]
         ok = np.concatenate(scan.ok)[keep]
         other = np.concatenate(scan.other)[keep]
-        return cls(ids.filter(pa.array(last)), ok, keep.astype(np.int64), finished[keep], other, list(files),
+        if not unique:
+            ids = ids.filter(pa.array(last))
+        del order, last
+        pa.default_memory_pool().release_unused()
+        return cls(ids, ok, keep.astype(np.int64), finished[keep], other, list(files),
                    np.asarray(scan.starts, dtype=np.int64))
 
     # ---- looking up -------------------------------------------------------------------------

@@ -304,6 +304,8 @@ class Manifest:
         ranked = ids.take(order)
         same = pc.equal(ranked.slice(1), ranked.slice(0, count - 1))
         if not pc.any(same).as_py():
+            del ranked, order, same
+            pa.default_memory_pool().release_unused()  # what planning reads next may use it
             return count
         dup_values = pc.unique(ranked.slice(1).filter(same))
         del ranked, order
