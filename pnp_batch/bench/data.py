@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pnp_batch.io import storage
-from pnp_batch.io.results import RESULT_SCHEMA, ResultWriter, load_latest, make_run_id, write_run_summary
+from pnp_batch.io.results import RESULT_SCHEMA, ResultWriter, done_index, make_run_id, write_run_summary
 from pnp_batch.io.validate import validate_manifest
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def bench_results(rows: int = 50_000, shard_rows: int = 1000) -> dict[str, Any]:
         w.close()
         write_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        latest = load_latest(out)
+        latest = done_index(out)
         read_s = time.perf_counter() - t0
         files = storage.list_files(storage.join(out, "results"), ".parquet")
         total = sum(Path(f).stat().st_size for f in files)
@@ -134,7 +134,7 @@ def bench_results(rows: int = 50_000, shard_rows: int = 1000) -> dict[str, Any]:
             "files": len(files),
             "files_per_10k_rows": round(len(files) * 10_000 / rows, 1),
             "bytes_per_row": round(total / rows, 1),
-            "load_latest_seconds": round(read_s, 2),
+            "done_index_seconds": round(read_s, 2),
             "ids_indexed": len(latest),
         }
 
