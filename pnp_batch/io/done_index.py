@@ -158,7 +158,7 @@ class DoneIndex:
         n = len(needles)
         if not len(self.ids) or not n:
             return np.zeros(n, bool), np.zeros(n, bool)
-        pos = pc.search_sorted(self.ids, needles).to_numpy().astype(np.int64)
+        pos = _positions(self.ids, needles)
         inside = pos < len(self.ids)
         at = np.where(inside, pos, 0)
         found = inside & pc.equal(self.ids.take(pa.array(at)), needles).to_numpy(zero_copy_only=False)
@@ -193,6 +193,15 @@ class DoneIndex:
                 errors[int(s)] = None if column is None else column[int(s - self.starts[fi])].as_py()
         ids = self.ids.take(pa.array(chosen)).to_pylist()
         return [(rid, errors[int(s)]) for rid, s in zip(ids, seqs)]
+
+
+def _positions(values: pa.Array, needles: pa.Array) -> np.ndarray:
+    """Where each needle is or would go in the sorted ``values``: a binary search where pyarrow has
+    ``search_sorted`` (pyarrow 26 here), else a hash lookup (builds a hash table per call: slower)."""
+    if hasattr(pc, "search_sorted"):
+        return pc.search_sorted(values, needles).to_numpy().astype(np.int64)
+    found = pc.index_in(needles, value_set=values)
+    return pc.fill_null(found, len(values)).to_numpy().astype(np.int64)
 
 
 def _read_columns(uri: str, with_config: bool) -> pa.Table:

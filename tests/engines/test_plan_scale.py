@@ -16,6 +16,7 @@ from pnp_batch.bench.data import _peak_rss_mib, write_synthetic_manifest, write_
 from pnp_batch.config import load_config
 from pnp_batch.engines.base import RunRequest, plan, work_groups
 from pnp_batch.io import manifest as manifest_module
+from pnp_batch.io import results
 from pnp_batch.io.manifest import Manifest, Row, group_rows, open_manifest
 from pnp_batch.io.results import ResultWriter, load_latest, write_run_summary
 
@@ -128,3 +129,16 @@ def test_memory_of_plan_status_and_validate_grows_far_slower_than_the_rows(tmp_p
         per_row = (large[name] - small[name]) * 2**20 / 180_000
         assert per_row < 120, (name, small[name], large[name], per_row)
         assert large[name] < 600, (name, large[name])
+
+
+def test_the_lookup_without_search_sorted_gives_the_same_answers(tmp_path, monkeypatch) -> None:
+    """Older pyarrow has no compute.search_sorted: the hash lookup fallback answers the same."""
+    from pnp_batch.io import done_index
+
+    _, out = _case(tmp_path)
+    index = done_index.DoneIndex.from_files(results.result_files(out))
+    needles = pa.array([f"row{i:03d}" for i in range(70)] + ["stray", "zzz", ""])
+    fast = index.lookup(needles)
+    monkeypatch.delattr(done_index.pc, "search_sorted")
+    slow = index.lookup(needles)
+    assert all((a == b).all() for a, b in zip(fast, slow)) and fast[0].sum() > 50
