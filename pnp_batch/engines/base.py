@@ -6,16 +6,19 @@ import logging
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+import numpy as np
+
 from pnp_batch import __version__
 from pnp_batch.config import PipelineConfig
 from pnp_batch.io import storage
+from pnp_batch.io.done_index import DoneIndex
 from pnp_batch.io.manifest import Manifest, Row, group_rows, open_manifest
-from pnp_batch.io.results import ResultWriter, latest_results, load_latest, make_run_id, write_run_summary
+from pnp_batch.io.results import ResultWriter, done_index, make_run_id, write_run_summary
 from pnp_batch.report.write import write_report
 
 log = logging.getLogger(__name__)
@@ -111,7 +114,7 @@ class Plan:
     todo: int
 
 
-def work_groups(manifest: Manifest, done: dict[str, str], req: RunRequest,
+def work_groups(manifest: Manifest, done: DoneIndex | Mapping[str, str], req: RunRequest,
                 counts: dict[str, int] | None = None) -> Iterator[list[Row]]:
     """The groups (rows sharing a source) with rows not yet ok (all rows with --overwrite), streaming.
 
@@ -119,16 +122,48 @@ def work_groups(manifest: Manifest, done: dict[str, str], req: RunRequest,
     group's rows that are already ok stay in it as companions (translated, not written): a row's bytes
     depend on the batch it is sampled in, so a row redone after a failure or a crash must share its
     batch with the same rows as before to get the bytes an uninterrupted run gives it (CONTRACT).
+
+    Rows are grouped within consecutive windows of ``req.group_window`` rows (io/manifest.group_rows).
+    The ids of a manifest batch are looked up in the done-index at once; a window whose rows are all
+    done yields nothing, so it is skipped without making its rows (a resume of ten million rows with
+    a few to redo makes Row objects only around those few).
     """
-    for group in group_rows(manifest.iter_rows(limit=req.limit), window=req.group_window):
-        if req.overwrite:
+    index = done if isinstance(done, DoneIndex) else DoneIndex.from_mapping(done)
+    size = req.group_window
+    window: list[Row] = []  # the rows of the window being filled (it spans batches)
+    window_todo = False
+    for start, batch in manifest.iter_batches(limit=req.limit):
+        n = batch.num_rows
+        ok = np.zeros(n, dtype=bool) if req.overwrite else index.is_ok(manifest.batch_ids(batch, start))
+        i = 0
+        while i < n:
+            end = min(n, ((start + i) // size + 1) * size - start)  # this window's end within the batch
+            todo = not ok[i:end].all()
+            if not window and end - i == size and not todo:
+                i = end  # a whole window, every row done: nothing from it
+                continue
+            rows = manifest.rows_of(batch, start, i, end)
+            window.extend(replace(r, companion=True) if k else r for r, k in zip(rows, ok[i:end].tolist()))
+            window_todo = window_todo or todo
+            if (start + end) % size == 0:
+                yield from _window_groups(window, window_todo, req.overwrite, counts)
+                window, window_todo = [], False
+            i = end
+    yield from _window_groups(window, window_todo, req.overwrite, counts)
+
+
+def _window_groups(rows: list[Row], todo: bool, overwrite: bool,
+                   counts: dict[str, int] | None) -> Iterator[list[Row]]:
+    """The groups of one window that have a row to do (every group with --overwrite)."""
+    if not rows or not todo:
+        return
+    for group in group_rows(rows, window=len(rows) + 1):
+        if overwrite:
             yield group
-            continue
-        marked = [replace(r, companion=True) if done.get(r.id) == "ok" else r for r in group]
-        if not all(r.companion for r in marked):
+        elif not all(r.companion for r in group):
             if counts is not None:
-                counts["companions"] = counts.get("companions", 0) + sum(r.companion for r in marked)
-            yield marked
+                counts["companions"] = counts.get("companions", 0) + sum(r.companion for r in group)
+            yield group
 
 
 def windows(groups: Iterator[list[Row]], size: int) -> Iterator[list[list[Row]]]:
@@ -146,31 +181,29 @@ def windows(groups: Iterator[list[Row]], size: int) -> Iterator[list[list[Row]]]
         yield window
 
 
-def plan(req: RunRequest) -> tuple[Manifest, dict[str, str], Plan]:
-    """Open and check the manifest (exit 2 on failure), read the done-index, count the work."""
+def plan(req: RunRequest) -> tuple[Manifest, DoneIndex, Plan]:
+    """Open and check the manifest (exit 2 on failure), read the done-index, count the work.
+
+    Ids stream batch by batch against the done-index's sorted array (io/done_index.py): no Python
+    object per row, so ten million rows plan in bounded memory."""
     manifest = open_manifest(req.manifest)
     total = manifest.check_ids()
     if req.limit is not None:
         total = min(total, req.limit)
-    done = {} if req.overwrite else load_latest(req.out)
+    done = DoneIndex.empty() if req.overwrite else done_index(req.out, req.cfg.hash())
     if done:
-        _warn_other_config(req)
+        _warn_other_config(req, done)
     # counted from the id column alone (no image bytes, prompts or overrides decoded)
-    todo = sum(
-        1
-        for index, row_id in manifest.iter_ids()
-        if (req.limit is None or index < req.limit) and (req.overwrite or done.get(row_id) != "ok")
-    )
+    todo = total
+    if not req.overwrite:
+        for _, ids in manifest.iter_id_batches(limit=req.limit):
+            todo -= int(done.is_ok(ids).sum())
     return manifest, done, Plan(total=total, done_before=total - todo, todo=todo)
 
 
-def _warn_other_config(req: RunRequest) -> None:
+def _warn_other_config(req: RunRequest, done: DoneIndex) -> None:
     """Rows done under another pipeline config stay done (resume is by id): say so, once."""
-    import pyarrow.compute as pc
-
-    table = latest_results(req.out, ["status", "config_hash"])
-    ok = table.filter(pc.equal(table.column("status"), "ok"))
-    other = ok.filter(pc.not_equal(ok.column("config_hash"), req.cfg.hash())).num_rows
+    other = done.ok_other_config_count
     if other:
         log.warning(
             "%d rows in %s were done with another pipeline config (config_hash differs from %s); they count "

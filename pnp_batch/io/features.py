@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "pnp-batch-features/1"
 TENSOR_NAME = "latents"
 _KEY_RE = re.compile(r"[0-9a-f]{32}")
+MISSING = "missing"  # FeatureStore.lookup: no object under the key
+CORRUPT = "corrupt"  # FeatureStore.lookup: an object that fails its checks (to recompute)
 
 
 def key_fields(image_sha256: str, model_fingerprint: str, dtype: str, cfg: PipelineConfig) -> dict[str, Any]:
@@ -83,7 +85,13 @@ class FeatureStore:
         return storage.join(self.root_uri, key[:2], f"{key}.json")
 
     def get(self, key: str) -> tuple[torch.Tensor, dict[str, Any]] | None:
-        """The stored latents and their metadata, or None when absent or corrupt.
+        """The stored latents and their metadata, or None when absent or corrupt (see :meth:`lookup`)."""
+        found = self.lookup(key)
+        return found if isinstance(found, tuple) else None
+
+    def lookup(self, key: str) -> tuple[torch.Tensor, dict[str, Any]] | str:
+        """The stored latents and their metadata, or :data:`MISSING`, or :data:`CORRUPT` (a truncated or
+        damaged object: warned here, once per read, so a caller that read it ahead must not read it again).
 
         Storage errors other than "not found" propagate (after the storage layer's retries).
         """
@@ -91,12 +99,12 @@ class FeatureStore:
         try:
             data = storage.read_bytes(uri)
         except FileNotFoundError:
-            return None
+            return MISSING
         try:
             return _decode(data, key)
         except Exception as e:  # noqa: BLE001 - any parse or check failure means a corrupt object
             logger.warning("corrupt feature object %s (%s), recomputing", storage.redact(uri), e)
-            return None
+            return CORRUPT
 
     def put(self, key: str, latents: torch.Tensor, meta: dict[str, Any] | None = None) -> str:
         """Store ``latents`` (on CPU, dtype kept) with one atomic write, then the JSON record."""

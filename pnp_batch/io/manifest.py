@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -148,9 +149,10 @@ class Manifest:
 
     # ---- reading --------------------------------------------------------------------------
 
-    def batches(self, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    def batches(self, columns: list[str] | None = None, batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
         """Stream record batches (optionally only some columns) over all files in order."""
         cols = [c for c in (columns or self.columns) if c in self.schema.names]
+        batch_rows = batch_rows or BATCH_ROWS
         read = {"parquet": self._parquet_batches, "csv": self._csv_batches}.get(self.kind, self._json_batches)
         for f in self.files:
             try:
@@ -183,22 +185,39 @@ class Manifest:
             for batch in reader:
                 yield from _rebatch(batch.select(cols), batch_rows)
 
-    def iter_rows(self, limit: int | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[Row]:
+    def iter_rows(self, limit: int | None = None, batch_rows: int | None = None) -> Iterator[Row]:
         """Stream :class:`Row` objects (at most ``limit``), batch by batch."""
+        for start, batch in self.iter_batches(limit, batch_rows):
+            yield from self.rows_of(batch, start)
+
+    def iter_batches(self, limit: int | None = None, batch_rows: int | None = None,
+                     columns: list[str] | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """(index of its first row, batch) over the first ``limit`` rows."""
         index = 0
-        extra = self.extra_columns
-        for batch in self.batches(batch_rows=batch_rows):
-            n = batch.num_rows
-            if limit is not None:
-                n = min(n, limit - index)
+        for batch in self.batches(columns, batch_rows=batch_rows):
+            n = batch.num_rows if limit is None else min(batch.num_rows, limit - index)
             if n <= 0:
-                return
-            cols = {name: batch.column(name).slice(0, n).to_pylist() for name in batch.schema.names}
-            for i in range(n):
-                yield self._make_row(index, {k: v[i] for k, v in cols.items()}, extra)
-                index += 1
-            if limit is not None and index >= limit:
-                return
+                if limit is not None:
+                    return
+                continue
+            yield index, batch if n == batch.num_rows else batch.slice(0, n)
+            index += n
+
+    def rows_of(self, batch: pa.RecordBatch, start: int, begin: int = 0, end: int | None = None) -> list[Row]:
+        """:class:`Row` objects for rows ``begin:end`` of a batch whose first row has index ``start``."""
+        end = batch.num_rows if end is None else end
+        cols = {name: batch.column(name).slice(begin, end - begin).to_pylist() for name in batch.schema.names}
+        extra = self.extra_columns
+        return [self._make_row(start + begin + i, {k: v[i] for k, v in cols.items()}, extra)
+                for i in range(end - begin)]
+
+    def batch_ids(self, batch: pa.RecordBatch, start: int) -> pa.Array:
+        """The ids of a batch's rows as one ``large_string`` array: the ``id`` column when it has no
+        gaps, else each row's id (derived where missing) from its :class:`Row`."""
+        ids = _complete_ids(batch.column("id")) if "id" in batch.schema.names else None
+        if ids is None:
+            ids = pa.array([r.id for r in self.rows_of(batch, start)], pa.large_string())
+        return ids
 
     def _make_row(self, index: int, rec: dict[str, Any], extra_cols: list[str]) -> Row:
         problems: list[str] = []
@@ -241,69 +260,80 @@ class Manifest:
         )
 
     def iter_ids(self) -> Iterator[tuple[int, str]]:
-        """(row index, id) for every row; reads only the ``id`` column while it has no gaps."""
+        """(row index, id) for every row (Python strings: small manifests; see :meth:`iter_id_batches`)."""
+        for start, ids in self.iter_id_batches():
+            for i, rid in enumerate(ids.to_pylist()):
+                yield start + i, rid
+
+    def iter_id_batches(self, limit: int | None = None) -> Iterator[tuple[int, pa.Array]]:
+        """(index of the first row, ids as ``large_string``) batch by batch, over the first ``limit``
+        rows; reads only the ``id`` column while it has no gaps, then derives ids from whole rows."""
         index = 0
         if "id" in self.schema.names:
-            complete = True
-            for batch in self.batches(columns=["id"]):
-                col = batch.column(0)
-                values = col.to_pylist()
-                if col.null_count or "" in values:
-                    complete = False
+            for start, batch in self.iter_batches(limit, columns=["id"]):
+                ids = _complete_ids(batch.column(0))
+                if ids is None:
                     break
-                for v in values:
-                    yield index, str(v)
-                    index += 1
-            if complete:
+                yield start, ids
+                index = start + len(ids)
+            else:
                 return
         # Some ids are missing: derive them from the whole rows, continuing where we stopped.
-        for row in self.iter_rows():
-            if row.index >= index:
-                yield row.index, row.id
+        for start, batch in self.iter_batches(limit):
+            if start + batch.num_rows <= index:
+                continue
+            if start < index:
+                batch, start = batch.slice(index - start), index
+            yield start, self.batch_ids(batch, start)
 
     def check_ids(self) -> int:
         """Return the row count; raise ManifestError on duplicate ids (naming the first few).
 
-        Memory stays O(rows * 8 bytes): ids are hashed to 64-bit integers, sorted, and only
-        colliding hashes are re-scanned to name the ids.
+        The ids are gathered as one Arrow string array (no Python object per id) and sorted; equal
+        neighbours are the duplicates. Memory: about three times the ids' bytes, while sorting.
         """
-        chunks: list[np.ndarray] = []
-        buf: list[int] = []
-        count = 0
-        for _, rid in self.iter_ids():
-            buf.append(hash(rid))
-            count += 1
-            if len(buf) >= 1 << 16:
-                chunks.append(np.array(buf, dtype=np.int64))
-                buf = []
-        if buf:
-            chunks.append(np.array(buf, dtype=np.int64))
+        chunks = [ids for _, ids in self.iter_id_batches()]
         if not chunks:
             return 0
-        hashes = np.concatenate(chunks)
+        ids = pa.chunked_array(chunks, pa.large_string()).combine_chunks()
         del chunks
-        hashes.sort()
-        dup_mask = hashes[1:] == hashes[:-1]
-        if not dup_mask.any():
+        count = len(ids)
+        if count < 2:
             return count
-        suspects = set(np.unique(hashes[1:][dup_mask]).tolist())
-        del hashes
+        order = pc.sort_indices(ids)
+        ranked = ids.take(order)
+        same = pc.equal(ranked.slice(1), ranked.slice(0, count - 1))
+        if not pc.any(same).as_py():
+            del ranked, order, same
+            pa.default_memory_pool().release_unused()  # what planning reads next may use it
+            return count
+        dup_values = pc.unique(ranked.slice(1).filter(same))
+        del ranked, order
+        self._raise_duplicates(ids, dup_values)
+        return count  # not reached
+
+    def _raise_duplicates(self, ids: pa.Array, dup_values: pa.Array) -> None:
+        """Name the duplicate ids with their rows, first occurring first."""
+        positions = np.flatnonzero(pc.is_in(ids, value_set=dup_values).to_numpy(zero_copy_only=False))
         seen: dict[str, list[int]] = {}
-        for index, rid in self.iter_ids():
-            if hash(rid) in suspects:
-                seen.setdefault(rid, []).append(index)
-        dups = {k: v for k, v in seen.items() if len(v) > 1}
-        if not dups:  # only a hash collision
-            return count
-        listed = sorted(dups.items(), key=lambda kv: kv[1][0])
+        for index, rid in zip(positions.tolist(), ids.take(pa.array(positions)).to_pylist()):
+            rows = seen.get(rid)
+            if rows is None:
+                if len(seen) >= _MAX_LISTED:  # positions ascend: the first ids met are the ones listed
+                    continue
+                rows = seen[rid] = []
+            if len(rows) <= 5:
+                rows.append(index)
+        listed = sorted(seen.items(), key=lambda kv: kv[1][0])
         parts = [
             f"{rid!r} (rows {', '.join(map(str, idx[:5]))}{', ...' if len(idx) > 5 else ''})"
             for rid, idx in listed[:_MAX_LISTED]
         ]
-        more = f" and {len(dups) - _MAX_LISTED} more" if len(dups) > _MAX_LISTED else ""
+        n = len(dup_values)
+        more = f" and {n - _MAX_LISTED} more" if n > _MAX_LISTED else ""
         hint = "" if "id" in self.schema.names else " (derived ids collide only for identical rows)"
         raise ManifestError(
-            f"{self.uri}: {len(dups)} duplicate id{'s' if len(dups) != 1 else ''}: {'; '.join(parts)}{more}{hint}"
+            f"{self.uri}: {n} duplicate id{'s' if n != 1 else ''}: {'; '.join(parts)}{more}{hint}"
         )
 
     def fingerprint(self) -> str:
@@ -316,6 +346,16 @@ class Manifest:
                 size = -1
             h.update(f"{f}\0{size}\n".encode())
         return h.hexdigest()[:16]
+
+
+def _complete_ids(col: pa.Array) -> pa.Array | None:
+    """An id column as ``large_string`` when every row has one (not null, not empty), else None."""
+    if col.null_count:
+        return None
+    ids = col.cast(pa.large_string())
+    if len(ids) and pc.any(pc.equal(pc.utf8_length(ids), 0)).as_py():
+        return None
+    return ids
 
 
 def _rebatch(batch: pa.RecordBatch, rows: int) -> Iterator[pa.RecordBatch]:

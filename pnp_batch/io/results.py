@@ -28,20 +28,30 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pnp_batch.io import storage
+from pnp_batch.io.done_index import DoneIndex
 
 logger = logging.getLogger(__name__)
 
+# The results schema, versioned: every shard is written with exactly these columns and types (null
+# or not), then the pass-through columns typed from the manifest's schema. A later version only
+# adds columns (at the end), so shards of every version read as one dataset. docs/results.md.
+RESULTS_SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = b"pnp_batch.results_schema_version"
 RESULT_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("warning", pa.string()),
         ("output", pa.string()),
         ("image", pa.string()),
         ("source_prompt", pa.string()),
         ("target_prompt", pa.string()),
         ("negative_prompt", pa.string()),
         ("seed", pa.int64()),
+        ("guidance_scale", pa.float64()),
+        ("pnp_f_t", pa.float64()),
+        ("pnp_attn_t", pa.float64()),
         ("pipeline", pa.string()),
         ("config_hash", pa.string()),
         ("model", pa.string()),
@@ -55,7 +65,8 @@ RESULT_SCHEMA = pa.schema(
         ("attempt", pa.int64()),
         ("run_id", pa.string()),
         ("finished_at", pa.timestamp("us", tz="UTC")),
-    ]
+    ],
+    metadata={SCHEMA_VERSION_KEY: str(RESULTS_SCHEMA_VERSION).encode()},
 )
 RESULT_COLUMNS = tuple(RESULT_SCHEMA.names)
 _RESULT_SET = frozenset(RESULT_COLUMNS)
@@ -115,6 +126,7 @@ class ResultWriter:
         self._last_flush = time.monotonic()
         self._lock = threading.RLock()
         self._extra_types: dict[str, pa.DataType] = {}
+        self._carried: dict[str, pa.DataType] | None = None  # read at the first write
         if extra_schema is not None:
             for f in extra_schema:
                 if f.name not in RESULT_COLUMNS:
@@ -169,27 +181,28 @@ class ResultWriter:
         self.close()
 
     def _table(self, records: list[dict[str, Any]]) -> pa.Table:
-        arrays: list[pa.Array] = []
-        fields: list[pa.Field] = []
-        for f in RESULT_SCHEMA:
-            arrays.append(pa.array([r.get(f.name) for r in records], type=f.type))
-            fields.append(f)
+        """The records under :data:`RESULT_SCHEMA`, then the pass-through columns: typed from the
+        manifest (all-null ones too), else from the values, never Arrow's null type (string then)."""
+        arrays: list[pa.Array] = [pa.array([r.get(f.name) for r in records], type=f.type) for f in RESULT_SCHEMA]
+        fields: list[pa.Field] = list(RESULT_SCHEMA)
+        if self._carried is None:
+            self._carried = _carried_columns(self.out_uri)
         extra_names = dict.fromkeys(self._extra_types)
         for r in records:
             for k in r:
                 if k not in _RESULT_SET and k not in extra_names:
                     extra_names[k] = None
+        for name, typ in self._carried.items():
+            if name not in extra_names:
+                extra_names[name] = None
+                self._extra_types.setdefault(name, typ)
         for name in extra_names:
-            values = [r.get(name) for r in records]
-            arr = _extra_array(values, self._extra_types.get(name))
+            arr = _extra_array([r.get(name) for r in records], self._extra_types.get(name))
             if name not in self._extra_types or pa.types.is_null(self._extra_types[name]):
-                if not pa.types.is_null(arr.type):
-                    self._extra_types[name] = arr.type
-                else:
-                    self._extra_types.setdefault(name, arr.type)
+                self._extra_types[name] = arr.type
             arrays.append(arr)
             fields.append(pa.field(name, arr.type))
-        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=RESULT_SCHEMA.metadata))
 
     def _write(self, records: list[dict[str, Any]]) -> str:
         table = self._table(records)
@@ -206,16 +219,41 @@ class ResultWriter:
 
 
 def _extra_array(values: list[Any], typ: pa.DataType | None) -> pa.Array:
-    """An Arrow array for a pass-through column: the known type if it fits, else inferred, else JSON."""
+    """An Arrow array for a pass-through column: the known type if it fits, else inferred, else JSON
+    text; an all-null column of no known type is a string column (never Arrow's null type)."""
     if typ is not None and not pa.types.is_null(typ):
         try:
             return pa.array(values, type=typ)
         except (pa.ArrowException, TypeError, ValueError):
             pass
     try:
-        return pa.array(values)
+        arr = pa.array(values)
     except (pa.ArrowException, TypeError, ValueError):
-        return pa.array([None if v is None else json.dumps(v, default=str) for v in values], type=pa.string())
+        arr = pa.array([None if v is None else json.dumps(v, default=str) for v in values], type=pa.string())
+    return arr.cast(pa.string()) if pa.types.is_null(arr.type) else arr
+
+
+def _carried_columns(out_uri: str) -> dict[str, pa.DataType]:
+    """The pass-through columns of the newest shard already under ``OUT`` (name -> type): a run whose
+    manifest lacks one still writes it (all null, same type), so a reader that takes the first
+    shard's columns (DuckDB's default) finds them in every later shard. The newest shard carries
+    every earlier run's columns the same way, so one footer read is enough."""
+    try:
+        files = result_files(out_uri)
+        if not files:
+            return {}
+        with storage.open_input(files[-1]) as fh:
+            schema = pq.ParquetFile(fh).schema_arrow
+    except (OSError, pa.ArrowException) as e:
+        logger.debug("no columns carried from earlier shards: %s", e)
+        return {}
+    return {f.name: f.type for f in schema if f.name not in _RESULT_SET and not pa.types.is_null(f.type)}
+
+
+def schema_version(schema: pa.Schema) -> int:
+    """The results schema version a shard was written with (0: before versions, no metadata)."""
+    raw = (schema.metadata or {}).get(SCHEMA_VERSION_KEY)
+    return int(raw) if raw else 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -292,13 +330,16 @@ def _read_indexed(out_uri: str, columns: list[str] | None) -> tuple[pa.Table, li
     return _concat(tables), file_index
 
 
+def done_index(out_uri: str, config_hash: str | None = None) -> DoneIndex:
+    """Every id with a record and its latest status, as sorted arrays (the resume index; see
+    :mod:`pnp_batch.io.done_index`). With ``config_hash``, also which latest records were made under another."""
+    return DoneIndex.from_files(result_files(out_uri), config_hash)
+
+
 def load_latest(out_uri: str) -> dict[str, str]:
-    """id → status of its latest record over all shards; {} when there are none (resume index)."""
-    table, file_index = _read_indexed(out_uri, ["id", "status", "finished_at"])
-    if table.num_rows == 0:
-        return {}
-    table = _ordered(table, file_index)
-    return dict(zip(table.column("id").to_pylist(), table.column("status").to_pylist()))
+    """id → status of its latest record over all shards; {} when there are none. A Python dict of
+    every id: for small outputs and tests; planning and status use :func:`done_index`."""
+    return done_index(out_uri).to_dict()
 
 
 def latest_results(out_uri: str, columns: list[str] | None = None) -> pa.Table:
@@ -405,23 +446,16 @@ class StatusReport:
 
 
 def status_report(out_uri: str) -> StatusReport:
-    """Counts of done / failed / pending for ``OUT`` and the failed rows with their errors."""
+    """Counts of done / failed / pending for ``OUT`` and the failed rows with their errors.
+
+    Streams: the done-index holds the ids as one sorted array, and the manifest's ids are looked up
+    in it a batch at a time, so ten million rows take well under a gigabyte."""
     report = StatusReport(out_uri=out_uri, results_location=results_dir(out_uri))
-    report.result_files = len(result_files(out_uri))
-    latest = latest_results(out_uri, ["status", "error"])
-    status_by_id: dict[str, str] = {}
-    if latest.num_rows:
-        ids = latest.column("id").to_pylist()
-        statuses = latest.column("status").to_pylist()
-        errors = latest.column("error").to_pylist()
-        status_by_id = dict(zip(ids, statuses))
-        for rid, st, err in zip(ids, statuses, errors):
-            if st == "ok":
-                report.done += 1
-            else:
-                report.failed += 1
-                if len(report.failures) < _MAX_FAILED_LISTED:
-                    report.failures.append((rid, err or "(no message)"))
+    files = result_files(out_uri)
+    report.result_files = len(files)
+    index = DoneIndex.from_files(files)
+    report.done, report.failed = index.ok_count, index.failed_count
+    report.failures = [(rid, err or "(no message)") for rid, err in index.failures(_MAX_FAILED_LISTED)]
     runs = read_run_summaries(out_uri)
     report.runs = len(runs)
     if runs:
@@ -433,13 +467,11 @@ def status_report(out_uri: str) -> StatusReport:
 
             m = open_manifest(report.manifest)
             rows = pending = done_here = 0
-            for _, rid in m.iter_ids():
-                rows += 1
-                st = status_by_id.get(rid)
-                if st is None:
-                    pending += 1
-                elif st == "ok":
-                    done_here += 1
+            for _, ids in m.iter_id_batches():
+                found, ok = index.lookup(ids)
+                rows += len(ids)
+                pending += int((~found).sum())
+                done_here += int(ok.sum())
             report.manifest_rows, report.pending, report.done_in_manifest = rows, pending, done_here
         except (ManifestError, OSError) as e:
             report.manifest_error = f"manifest unreadable: {storage.redact(str(e))}"

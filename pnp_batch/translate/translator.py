@@ -18,7 +18,7 @@ import torch
 from pnp_batch.config import PipelineConfig, generation_timesteps
 from pnp_batch.errors import RowError
 from pnp_batch.io import storage
-from pnp_batch.io.features import FeatureStore, feature_key
+from pnp_batch.io.features import MISSING, FeatureStore, feature_key
 from pnp_batch.io.images import decode_image, encode_image, resize_source
 from pnp_batch.io.records import resolve, row_record
 from pnp_batch.io.rows import Row
@@ -32,6 +32,7 @@ from pnp_batch.translate.outputs import output_uri, to_uint8
 from pnp_batch.translate.sizing import auto_batch_size
 
 log = logging.getLogger(__name__)
+_NOT_READ = object()  # source_features_many: prefetch did not read this key
 
 @dataclass
 class Counters:
@@ -68,7 +69,7 @@ class Translator:
         self._emb: dict[str, torch.Tensor] = {}
         self._write_pool: ThreadPoolExecutor | None = None
         self._feature_writes: dict[str, tuple[torch.Tensor, Future]] = {}  # key -> (latents, write)
-        self._prefetched: dict[str, tuple[torch.Tensor, dict]] = {}  # key -> features read ahead (prefetch)
+        self._prefetched: dict[str, tuple[torch.Tensor, dict] | None] = {}  # key -> features read ahead (None: corrupt)
         self._digests: dict[int, tuple[bytes, str]] = {}  # id(source bytes) -> (the bytes, sha256), from prefetch
         self.max_batch = self._max_batch()
         # Sources inverted per UNet call. On a GPU one image leaves the UNet call half idle, so 4 cost
@@ -211,7 +212,10 @@ class Translator:
                 if writing is not None:
                     hit = (writing[0], None)
                 else:
-                    hit = self._prefetched.pop(key, None) or self.features.get(key)
+                    # None: prefetch found the object corrupt (and said so): recompute, do not read it again
+                    hit = self._prefetched.pop(key, _NOT_READ)
+                    if hit is _NOT_READ:
+                        hit = self.features.get(key)
                 if hit is not None:
                     self.counters.cache_hits += 1
                     results[i] = (hit[0].to(self.models.device), key, True, time.perf_counter() - t0)
@@ -286,9 +290,9 @@ class Translator:
             self._digests[id(data)] = (data, sha)
             key = self._key(sha, self._inversion_prompt(row))
             if key not in self._feature_writes and key not in self._prefetched and len(self._prefetched) < 64:
-                hit = self.features.get(key)
-                if hit is not None:
-                    self._prefetched[key] = hit
+                found = self.features.lookup(key)
+                if found != MISSING:  # a hit, or None for a corrupt object: read and verified once
+                    self._prefetched[key] = found if isinstance(found, tuple) else None
         except Exception as e:  # noqa: BLE001 - looked up again by the translation
             log.debug("prefetching features: %s", type(e).__name__)
         return [*group[:i], replace(row, image_bytes=data), *group[i + 1 :]]

@@ -305,3 +305,38 @@ def test_auto_batch_size_is_the_devices_own_not_what_happens_to_be_free():
     # bounds: at least 3 (source + one target with guidance), at most 64
     assert auto_batch_size(80 * gib, held, 77 * gib, (512 // 8) ** 2, 2) == (64, None)
     assert auto_batch_size(4 * gib, held, gib, latent, 2)[0] == 3
+
+
+def test_a_corrupt_stored_inversion_warns_once_and_is_recomputed_and_rewritten(tmp_path, tiny_models, caplog):
+    """prefetch reads the stored features ahead and source_features_many uses what it found: a
+    truncated object is read and verified once, so its warning comes once for one occurrence."""
+    import logging
+
+    from pnp_batch.io.features import FeatureStore
+
+    png = _png(12, (64, 64))
+    (tmp_path / "src.png").write_bytes(png)
+    row = Row(index=0, id="c0", image=str(tmp_path / "src.png"), image_bytes=None, source_prompt="",
+              target_prompt="a fox")
+    tr = _translator(tmp_path, tiny_models, "corrupt", 1)
+    try:
+        tr.process_many([tr.prefetch([row])])
+        tr.flush()
+        key = tr._key(hashlib.sha256(png).hexdigest(), "")
+        store = FeatureStore(tr.features.root_uri)
+        good, _ = store.get(key)
+        path = tmp_path / "corrupt" / "features" / key[:2] / f"{key}.safetensors"
+        path.write_bytes(path.read_bytes()[:-100])  # truncated
+        before = tr.counters.inversions
+        with caplog.at_level(logging.WARNING, logger="pnp_batch.io.features"):
+            records = tr.process_many([tr.prefetch([row])])
+            tr.flush()
+        warned = [r for r in caplog.records if "corrupt feature object" in r.getMessage()]
+        assert len(warned) == 1, [r.getMessage() for r in warned]
+        assert records[0][0]["status"] == "ok" and records[0][0]["feature_cache_hit"] is False
+        assert tr.counters.inversions == before + 1  # recomputed
+        again, _ = store.get(key)  # rewritten whole: reads clean, same latents
+        assert torch.equal(again, good)
+    finally:
+        tr.close()
+        tr.injector.remove()
