@@ -131,6 +131,8 @@ def is_transient(exc: BaseException) -> bool:
 def is_unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` (or its cause) says the store could not be reached at all (an outage), as
     opposed to an error response from a store that is up."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False  # the store answered
     for e in _chain(exc):
         if isinstance(e, (ConnectionError, TimeoutError, socket.timeout)):
             return True
@@ -180,7 +182,7 @@ class _Outage:
     def give_up(self, what: str, exc: BaseException) -> StoreUnavailable:
         with self.lock:
             if self.gave_up is None:
-                waited = time.monotonic() - (self.since or time.monotonic())
+                waited = time.monotonic() - self.since if self.since is not None else self.limit()
                 self.gave_up = redact(f"the store was unreachable for {waited:.0f} s, longer than --outage-timeout "
                                       f"{self.limit():.0f} s ({what}: {describe(exc)})")
             return StoreUnavailable(self.gave_up)
@@ -238,6 +240,7 @@ def _wait_out(fn: Callable[[], T], what: str, exc: BaseException) -> T:
             if not is_unreachable(e):
                 raise
             exc = e
+            since = OUTAGE.begin(what, e)  # the same outage; a new one if another call saw the store back
             continue
         OUTAGE.end()
         return out
@@ -260,6 +263,8 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int | None = None) ->
     ``what`` names the operation and object for messages (it is redacted).
     """
     attempts = attempts or MAX_ATTEMPTS
+    if OUTAGE.gave_up is not None and _guarded(what):
+        attempts = 1  # the run gave up on this store: one try each, so that stopping does not drag on
     for attempt in range(1, attempts + 1):
         try:
             out = fn()
@@ -269,16 +274,8 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int | None = None) ->
             if not is_transient(e):
                 raise OSError(redact(f"{what}: {describe(e)}")) from _safe_cause(e)
             if attempt >= attempts and _guarded(what) and is_unreachable(e):
-                try:
-                    return _wait_out(fn, what, e)
-                except FileNotFoundError as e2:
-                    raise FileNotFoundError(redact(f"not found: {what}")) from _safe_cause(e2)
-                except StoreUnavailable:
-                    raise
-                except Exception as e2:  # noqa: BLE001 - the store answered, with an error
-                    if not is_transient(e2):
-                        raise OSError(redact(f"{what}: {describe(e2)}")) from _safe_cause(e2)
-                    raise TransientError(redact(f"{what}: {describe(e2)}")) from _safe_cause(e2)
+                unreachable = e
+                break  # wait the outage out below, outside this handler (no exception chained to this one)
             if attempt >= attempts:
                 raise TransientError(
                     redact(f"{what}: {describe(e)} (gave up after {attempts} attempts)")
@@ -292,7 +289,16 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int | None = None) ->
         if OUTAGE.since is not None:
             OUTAGE.end()
         return out
-    raise AssertionError("unreachable")  # pragma: no cover
+    try:
+        return _wait_out(fn, what, unreachable)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(redact(f"not found: {what}")) from _safe_cause(e)
+    except StoreUnavailable:
+        raise
+    except Exception as e:  # noqa: BLE001 - the store is back and answered with an error
+        if not is_transient(e):
+            raise OSError(redact(f"{what}: {describe(e)}")) from _safe_cause(e)
+        raise TransientError(redact(f"{what}: {describe(e)}")) from _safe_cause(e)
 
 
 def _safe_cause(exc: BaseException) -> BaseException | None:
