@@ -287,6 +287,7 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
             backend.start(req)  # loads the model: an unusable one stops here, before anything is written
         except GraceExpired as e:  # a signal came while the model was loading
             log.warning("%s", e)
+        stop.reclaim()  # ray.init replaces the SIGTERM handler with its own
     # A shard every 1,000 rows or 2 minutes: few files, and a crash loses at most 2 minutes of records
     # (their images exist; the next run redoes those rows and rewrites the same bytes).
     writer = ResultWriter(req.out, run_id, shard_rows=1000, flush_seconds=120.0, extra_schema=manifest.extra_schema)

@@ -88,6 +88,16 @@ class StopRequest:
 
         return restore
 
+    def reclaim(self) -> None:
+        """Install the handlers again where a library replaced them (``ray.init`` sets its own SIGTERM
+        handler, which exits at once)."""
+        if not self._installed or threading.current_thread() is not threading.main_thread():
+            return
+        for s in SIGNALS:
+            if signal.getsignal(s) != self._on_signal:
+                log.debug("re-installing the %s handler", signal.Signals(s).name)
+                signal.signal(s, self._on_signal)
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.request("signal", f"stopped by {name}", signum,
