@@ -126,3 +126,21 @@ def test_a_sigkilled_runs_lease_lapses_and_is_taken_over(tmp_path, tiny_model_di
     _assert_each_id_ok_once(str(out))
     assert not (out / "_lease.json").exists()
     assert signal.SIGKILL == -crashed.returncode
+
+
+def test_status_shows_the_lease_and_takes_none(tmp_path, capsys):
+    from pnp_batch.cli import main
+    from pnp_batch.io.lease import Lease
+
+    out = str(tmp_path / "out")
+    assert main(["status", out]) == 0
+    assert "lease: free" in capsys.readouterr().out
+    lease = Lease(out, "run-held", ttl=60)
+    lease.acquire()
+    try:
+        assert main(["status", out]) == 0
+        text = capsys.readouterr().out
+        assert f"lease: held by run run-held on host {lease.host}, pid {lease.pid}; expires" in text
+        assert read_holder(out).token == lease.token  # status changed nothing
+    finally:
+        lease.release()

@@ -368,6 +368,9 @@ def _record(records: list[dict[str, Any]], run_id: str, writer: ResultWriter, co
         if len(sample) < 200:
             sample.append(rec)
     progress.update(ok, failed)
+    gave_up = retry.store_unavailable()  # e.g. the lease heartbeat gave up on the store
+    if gave_up and not stop.requested:
+        stop.request("outage", f"{gave_up}; stopping: the rows in flight stay pending")
 
 
 def _outage_failure(rec: dict[str, Any], stop: StopRequest) -> bool:
