@@ -65,6 +65,7 @@ def out_uri(request, tmp_path) -> str:
     return f"{request.getfixturevalue('s3_bucket')}/out"
 
 
+@pytest.mark.slow
 def test_overlapping_runs_one_works_one_is_refused_one_waits(tmp_path, out_uri, tiny_model_dir):
     manifest = _inputs(tmp_path / "in")
     first = _popen(manifest, out_uri, "--lease-ttl", "6")
@@ -101,6 +102,7 @@ def test_overlapping_runs_one_works_one_is_refused_one_waits(tmp_path, out_uri, 
     assert read_holder(out_uri) is None  # both gave the lease back
 
 
+@pytest.mark.slow
 def test_a_sigkilled_runs_lease_lapses_and_is_taken_over(tmp_path, tiny_model_dir):
     manifest = _inputs(tmp_path / "in")
     out = tmp_path / "out"

@@ -136,6 +136,7 @@ def _start_then_cut(proxy: Proxy, client, bucket: str, manifest: Path, env: dict
     return proc
 
 
+@pytest.mark.slow
 def test_a_short_outage_pauses_the_run_which_then_finishes(tmp_path, proxied, tiny_model_dir):
     proxy, client, bucket, env = proxied
     manifest = _inputs(tmp_path / "in")
@@ -158,6 +159,7 @@ def test_a_short_outage_pauses_the_run_which_then_finishes(tmp_path, proxied, ti
     assert not _keys(client, bucket, "out/_lease.json")
 
 
+@pytest.mark.slow
 def test_a_long_outage_stops_the_run_and_the_next_run_finishes(tmp_path, proxied, tiny_model_dir):
     proxy, client, bucket, env = proxied
     manifest = _inputs(tmp_path / "in")
