@@ -104,6 +104,9 @@ def test_overlapping_runs_one_works_one_is_refused_one_waits(tmp_path, out_uri, 
 
 @pytest.mark.slow
 def test_a_sigkilled_runs_lease_lapses_and_is_taken_over(tmp_path, tiny_model_dir):
+    """A SIGKILLed run gives nothing back. On the same host the next run sees its process gone and takes
+    the lease at once (the SIGKILL tests of test_resume.py resume that way); here the holder is made to
+    look like a run on a lost node: its lease is respected until it lapses, then taken over."""
     manifest = _inputs(tmp_path / "in")
     out = tmp_path / "out"
     crashed = _popen(manifest, str(out), "--lease-ttl", "8")
@@ -115,19 +118,21 @@ def test_a_sigkilled_runs_lease_lapses_and_is_taken_over(tmp_path, tiny_model_di
         if crashed.poll() is None:
             crashed.kill()
             crashed.wait()
-    holder = json.loads((out / "_lease.json").read_text())
+    assert crashed.returncode == -signal.SIGKILL
+    lease_file = out / "_lease.json"
+    holder = json.loads(lease_file.read_text())
     assert holder["pid"] == crashed.pid  # a SIGKILL gives nothing back
+    lease_file.write_text(json.dumps({**holder, "host": "lost-node-3"}))  # as if it ran on a node now gone
     refused = _run(manifest, str(out))
     if not read_holder(str(out)).expired():  # still within its TTL when the second run asked: refused
-        assert refused.returncode == 2 and f"pid {crashed.pid}" in refused.stderr, refused.stderr[-2000:]
+        assert refused.returncode == 2 and "lost-node-3" in refused.stderr, refused.stderr[-2000:]
     t0 = time.monotonic()
     resumed = _run(manifest, str(out), "--wait-for-lease")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "took over the lease" in resumed.stderr and "expired" in resumed.stderr
     assert time.monotonic() - t0 < 120
     _assert_each_id_ok_once(str(out))
-    assert not (out / "_lease.json").exists()
-    assert signal.SIGKILL == -crashed.returncode
+    assert not lease_file.exists()
 
 
 def test_status_shows_the_lease_and_takes_none(tmp_path, capsys):
@@ -146,3 +151,34 @@ def test_status_shows_the_lease_and_takes_none(tmp_path, capsys):
         assert read_holder(out).token == lease.token  # status changed nothing
     finally:
         lease.release()
+
+
+def test_a_run_whose_lease_is_taken_over_stops(tmp_path, tiny_model_dir):
+    """The heartbeat finds another run's token in the lease (this run could not renew it in time and it was
+    taken over): the run stops without starting more groups, exit 1, summary `lease_lost`, and leaves
+    the other run's lease alone."""
+    import threading
+
+    from pnp_batch.cli import main
+    from pnp_batch.io import conditional
+    from pnp_batch.io.lease import Holder, lease_uri
+
+    manifest = _inputs(tmp_path / "in")
+    out = str(tmp_path / "out")
+
+    def take_over() -> None:
+        _wait_for(lambda: _held(out), "lease", timeout=120)
+        data, tag = conditional.read(lease_uri(out))
+        theirs = Holder.parse(data)
+        other = Holder(**{**theirs.__dict__, "run_id": "run-other", "token": "o" * 32})
+        conditional.replace(lease_uri(out), other.to_json(), tag)
+
+    thief = threading.Thread(target=take_over)
+    thief.start()
+    code = main(["run", str(manifest), "--out", out, *FAST, "--no-report", "--lease-ttl", "3"])
+    thief.join(10)
+    assert code == 1
+    (summary,) = read_run_summaries(out)
+    assert summary["status"] == "lease_lost" and "run run-other" in summary["reason"], summary
+    assert summary["counts"]["left_pending"] >= 1
+    assert read_holder(out).run_id == "run-other"

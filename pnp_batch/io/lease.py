@@ -7,7 +7,8 @@ an exclusive create locally, ``If-None-Match: *`` on S3), so of two runs startin
 gets it. A heartbeat thread renews it every ``ttl / 3`` seconds by compare-and-swap (the version last
 written, S3's ``If-Match``), so a run never overwrites a lease another run has taken. A run that dies
 without giving it back (SIGKILL, a lost node) holds it until it expires; a later run then takes it over,
-again by compare-and-swap, so two runs finding the same stale lease cannot both take it.
+again by compare-and-swap, so two runs finding the same stale lease cannot both take it. A later run on
+the same host (same pid namespace) that finds the holder's process gone takes it over at once.
 
 Expiry is judged with each host's own clock: keep the TTL far above the clock skew between hosts
 (NTP keeps it under a second). On stores without conditional writes the lease is best effort (see
@@ -60,6 +61,7 @@ class Holder:
     renewed_at: str
     expires_at: str
     ttl_seconds: float
+    pid_namespace: int | None = None  # which pids `pid` is one of (Linux: /proc/self/ns/pid), see gone()
     version: int = 1
 
     @property
@@ -68,6 +70,20 @@ class Holder:
 
     def expired(self, now: dt.datetime | None = None) -> bool:
         return (now or _now()) >= self.expires
+
+    def gone(self) -> bool:
+        """Whether the holder ran on this host, among this process's pids, and has exited (crashed): its
+        lease need not wait out its TTL. Two containers with one host name have different pid namespaces;
+        a pid reused since only makes the holder look alive (wait for the TTL: the safe side)."""
+        if self.host != socket.gethostname() or self.pid_namespace is None or self.pid_namespace != _pid_namespace():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # exists, someone else's
+            return False
+        return False
 
     def describe(self) -> str:
         left = (self.expires - _now()).total_seconds()
@@ -170,9 +186,14 @@ class Lease:
         current = Holder.parse(data)
         if current is not None and current.token == self.token:  # our own create, retried after a lost reply
             return self._confirm(tag, current)
-        if current is not None and not current.expired():
+        if current is not None and not current.expired() and not current.gone():
             return current
-        what = "unreadable" if current is None else f"expired ({current.describe()})"
+        if current is None:
+            what = "unreadable"
+        elif current.expired():
+            what = f"expired ({current.describe()})"
+        else:
+            what = f"left by run {current.run_id}, pid {current.pid} on this host, which is no longer running"
         try:
             new_tag = conditional.replace(self.uri, body.to_json(), tag)
         except PreconditionFailed:
@@ -197,7 +218,7 @@ class Lease:
         now = _now()
         return Holder(run_id=self.run_id, host=self.host, pid=self.pid, token=self.token, started_at=self.started_at,
                       renewed_at=now.isoformat(), expires_at=(now + dt.timedelta(seconds=self.ttl)).isoformat(),
-                      ttl_seconds=self.ttl)
+                      ttl_seconds=self.ttl, pid_namespace=_pid_namespace())
 
     # -- keeping it ----------------------------------------------------------------------------
     def _start_heartbeat(self) -> None:
@@ -260,6 +281,13 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def _now() -> dt.datetime:

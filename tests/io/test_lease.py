@@ -148,3 +148,28 @@ def test_garbage_lease_object_counts_as_lapsed(out):
     mine.acquire()
     assert json.loads(conditional.read(lease_uri(out))[0])["run_id"] == "run-a"
     mine.release()
+
+
+def test_a_holder_gone_from_this_host_is_taken_over_at_once(out):
+    import os
+    import subprocess
+    import sys
+
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_pid.wait()  # exited and reaped: its pid names no process
+    me = Lease(out, "probe", ttl=60)._body()
+    alive = replace(me, run_id="alive", token="a" * 32, pid=os.getpid())
+    conditional.create(lease_uri(out), alive.to_json())
+    with pytest.raises(LeaseHeld, match="run alive"):
+        Lease(out, "run-b", ttl=60).acquire()  # a live process on this host: respected
+    _, tag = conditional.read(lease_uri(out))
+    elsewhere = replace(alive, run_id="elsewhere", pid=dead_pid.pid, host="other-host")
+    tag = conditional.replace(lease_uri(out), elsewhere.to_json(), tag)
+    with pytest.raises(LeaseHeld, match="run elsewhere"):
+        Lease(out, "run-b", ttl=60).acquire()  # another host's pid says nothing here: wait for the TTL
+    crashed = replace(alive, run_id="crashed", pid=dead_pid.pid)
+    conditional.replace(lease_uri(out), crashed.to_json(), tag)
+    taker = Lease(out, "run-b", ttl=60)
+    taker.acquire()  # this host, this pid namespace, the process is gone: no need to wait
+    assert read_holder(out).run_id == "run-b"
+    taker.release()
