@@ -286,6 +286,9 @@ def _precondition(e: BaseException) -> bool:
 
 
 def _unsupported(e: BaseException) -> bool:
+    """The store (501) or an old botocore (no IfNoneMatch/IfMatch parameter yet) cannot do it."""
+    if any("Unknown parameter" in str(c) for c in (e, e.__cause__, e.__context__) if c is not None):
+        return True
     resp = _response(e)
     code = str(resp.get("Error", {}).get("Code", ""))
     return code in ("NotImplemented", "501") or resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 501
