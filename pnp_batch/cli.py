@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -14,7 +15,9 @@ from pnp_batch.errors import UsageError
 log = logging.getLogger("pnp_batch")
 
 EPILOG = """exit status: 0 every row done (now or in an earlier run); 1 the run finished but some rows
-failed (each recorded with its reason); 2 the request itself is unusable (nothing is written)."""
+failed (each recorded with its reason), or it stopped because the output store was unreachable past
+--outage-timeout; 2 the request itself is unusable, or another run holds the output's lease (nothing
+is written); 130 / 143 stopped by SIGINT / SIGTERM (re-run the same command to finish the rest)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "pipeline instead (the README's demo uses 'tiny')")
     r.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec storage option (repeatable), e.g. client_kwargs.region_name=eu-west-1")
+    r.add_argument("--wait-for-lease", nargs="?", type=float, const=math.inf, default=None, metavar="SECONDS",
+                   help="when another run holds the output's lease, wait for it (up to SECONDS; no value: no "
+                   "limit) instead of exiting 2")
+    r.add_argument("--lease-ttl", type=float, default=None, metavar="SECONDS",
+                   help="the output lease expires this long after its last renewal (renewed every TTL/3); "
+                   "default 120: how long a crashed run's output stays locked")
+    r.add_argument("--grace-seconds", type=float, default=None, metavar="SECONDS",
+                   help="after SIGTERM/SIGINT, time for the work in flight to finish (default 30)")
+    r.add_argument("--outage-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long the run pauses while the output store is unreachable before it stops "
+                   "(exit 1, rows in flight left pending); default 600, 0 = do not wait")
 
     v = sub.add_parser("validate", help="check a manifest without loading a model")
     v.add_argument("manifest")
@@ -114,6 +128,7 @@ def _storage(items: list[str]) -> dict:
 def cmd_run(a: argparse.Namespace) -> int:
     from pnp_batch.config import load_config
     from pnp_batch.engines.base import RunRequest, plan
+    from pnp_batch.io.lease import MIN_TTL
 
     opts = _storage(a.storage_option)
     cfg = load_config(a.pipeline, a.overrides)
@@ -137,11 +152,22 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise UsageError("--workers must be >= 1")
     if a.gpus_per_worker is not None and a.gpus_per_worker < 0:
         raise UsageError("--gpus-per-worker must be >= 0")
+    for flag, value in (("--lease-ttl", a.lease_ttl), ("--grace-seconds", a.grace_seconds),
+                        ("--outage-timeout", a.outage_timeout), ("--wait-for-lease", a.wait_for_lease)):
+        if value is not None and not value >= 0:
+            raise UsageError(f"{flag} must be a number of seconds >= 0")
+    if a.lease_ttl is not None and a.lease_ttl < MIN_TTL:
+        raise UsageError(f"--lease-ttl must be at least {MIN_TTL:g} seconds")
     req = RunRequest(
         manifest=a.manifest, out=a.out, cfg=cfg, features=a.features, limit=a.limit, overwrite=a.overwrite,
         dry_run=a.dry_run, engine=a.engine, ray_address=a.ray_address, workers=a.workers,
         gpus_per_worker=a.gpus_per_worker, report=not a.no_report, storage_options=opts,
+        wait_for_lease=a.wait_for_lease, outage_timeout=a.outage_timeout,
     )
+    if a.lease_ttl is not None:
+        req.lease_ttl = a.lease_ttl
+    if a.grace_seconds is not None:
+        req.grace_seconds = a.grace_seconds
     if a.dry_run:
         _, _, p = plan(req)
         print(f"manifest: {a.manifest}\nrows: {p.total}\nalready done: {p.done_before}\nto do: {p.todo}")
@@ -178,7 +204,25 @@ def cmd_status(a: argparse.Namespace) -> int:
 
     _storage(a.storage_option)
     print(status_report(a.out).format())
+    print(_lease_line(a.out))
     return 0
+
+
+def _lease_line(out: str) -> str:
+    """Who is writing to OUT now, from its lease (read only: status takes no lease)."""
+    from pnp_batch.io.lease import read_holder
+
+    try:
+        holder = read_holder(out)
+    except OSError as e:
+        from pnp_batch.io.storage import describe
+
+        return f"lease: unreadable ({describe(e)})"
+    if holder is None:
+        return "lease: free (no run is writing)"
+    if holder.expired():
+        return f"lease: lapsed, left by {holder.describe()} (the next run takes it over)"
+    return f"lease: held by {holder.describe()}"
 
 
 def cmd_make_test_model(a: argparse.Namespace) -> int:

@@ -11,3 +11,8 @@ class RowError(Exception):
 
 class TransientError(Exception):
     """A failure worth retrying (object-store throttling, 5xx, dropped connection)."""
+
+
+class StoreUnavailable(TransientError):
+    """The store could not be reached for longer than the outage limit (--outage-timeout): the run stops,
+    leaving the rows it had in flight pending."""

@@ -78,7 +78,7 @@ def test_run_writes_contract_outputs_and_resumes(tmp_path, caplog):
     assert "6 rows" in caplog.text and "another pipeline config" in caplog.text
     s2 = _summary(out)
     assert s2["counts"] == {"manifest_rows": 6, "done_before": 6, "attempted": 0, "ok": 0, "failed": 0,
-                            "companions": 0}
+                            "companions": 0, "left_pending": 0}
     assert pads.dataset(str(out / "results"), format="parquet").to_table().num_rows == 6
 
     # --overwrite redoes them with the same bytes, reusing the stored features (no inversion)

@@ -143,3 +143,65 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, reference, when)
     assert max(ok_counts.values()) == 1, f"duplicate ok records: {ok_counts}"
     assert set(ok_counts) == set(IDS)
     assert _images(out) == ref_images  # every image present, byte-identical to the uninterrupted run
+
+
+def _run_summaries(out: Path) -> list[dict]:
+    import json
+
+    return sorted((json.loads(p.read_text()) for p in _visible(out / "runs", ".json")), key=lambda d: d["started_at"])
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, reference, signals):
+    """SIGTERM midway (a pod eviction): the run finishes the groups in flight, writes their records and a
+    summary marked interrupted, gives back the lease and exits 143; a second SIGTERM exits at once. Either
+    way nothing visible is partial, and the resumed run ends as an uninterrupted one: every id ok exactly
+    once, the same bytes."""
+    ref_manifest, ref_images = reference
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cmd(ref_manifest, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _kill_point_reached(out, "first-image"):
+            assert proc.poll() is None, "the run ended before the signal: " + proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, f"no image within {START_TIMEOUT}s"
+            time.sleep(0.005)
+        sent = time.monotonic()
+        for _ in range(signals):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err[-3000:]
+    _assert_no_visible_partial(out)
+    assert not (out / "_lease.json").exists() or signals == 2  # given back (a second signal may leave it)
+    if signals == 1:
+        assert "Traceback" not in err
+        (summary,) = _run_summaries(out)
+        assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM", summary
+        counts = summary["counts"]
+        assert counts["ok"] >= 1 and counts["failed"] == 0
+        assert counts["ok"] + counts["left_pending"] == len(IDS)
+        assert counts["left_pending"] >= 1, "the signal came too late to leave anything pending"
+        recorded = read_results(str(out)).to_pylist()
+        assert len(recorded) == counts["ok"] and {r["status"] for r in recorded} == {"ok"}
+        assert len(_images(out)) == counts["ok"]  # the groups in flight were finished: images with records
+    else:  # the resume after an exit like this one is the SIGKILL test's
+        assert "exiting now" in err and took < 10
+        assert not _visible(out / "runs", ".json")  # a second signal writes nothing more
+        return
+
+    r = _run(ref_manifest, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_no_visible_partial(out)
+    latest = latest_results(str(out)).to_pylist()
+    assert sorted(rec["id"] for rec in latest) == IDS and {rec["status"] for rec in latest} == {"ok"}
+    ok_counts = Counter(rec["id"] for rec in read_results(str(out)).to_pylist() if rec["status"] == "ok")
+    assert set(ok_counts) == set(IDS) and max(ok_counts.values()) == 1, f"duplicate ok records: {ok_counts}"
+    assert _images(out) == ref_images
+    assert _run_summaries(out)[-1]["status"] == "finished"

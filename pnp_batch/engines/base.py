@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -15,8 +17,11 @@ import numpy as np
 
 from pnp_batch import __version__
 from pnp_batch.config import PipelineConfig
-from pnp_batch.io import storage
+from pnp_batch.engines.stop import DEFAULT_GRACE, GraceExpired, StopRequest
+from pnp_batch.errors import StoreUnavailable
+from pnp_batch.io import retry, storage
 from pnp_batch.io.done_index import DoneIndex
+from pnp_batch.io.lease import DEFAULT_TTL, Lease, LeaseHeld
 from pnp_batch.io.manifest import Manifest, Row, group_rows, open_manifest
 from pnp_batch.io.results import ResultWriter, done_index, make_run_id, write_run_summary
 from pnp_batch.report.write import write_report
@@ -42,6 +47,10 @@ class RunRequest:
     group_window: int = 256
     report: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)
+    grace_seconds: float = DEFAULT_GRACE  # in-flight work's time after SIGTERM/SIGINT
+    wait_for_lease: float | None = None  # seconds to wait for another run's lease (math.inf: no limit)
+    lease_ttl: float = DEFAULT_TTL
+    outage_timeout: float | None = None  # None: PNP_BATCH_OUTAGE_TIMEOUT, else retry.DEFAULT_OUTAGE_TIMEOUT
 
     @property
     def features_uri(self) -> str:
@@ -49,9 +58,14 @@ class RunRequest:
 
 
 class Backend(Protocol):
-    """Where groups are translated: in this process, or on Ray actors."""
+    """Where groups are translated: in this process, or on Ray actors.
+
+    Before ``map_groups`` the driver sets ``stopping``, an event set when the run is asked to stop: a
+    backend then starts no new group and yields the records of those in flight. The driver also stops
+    handing it groups, so a backend that pulls groups lazily needs nothing more."""
 
     name: str
+    stopping: threading.Event | None
 
     def start(self, req: RunRequest) -> None: ...
 
@@ -182,14 +196,26 @@ def windows(groups: Iterator[list[Row]], size: int) -> Iterator[list[list[Row]]]
 
 
 def plan(req: RunRequest) -> tuple[Manifest, DoneIndex, Plan]:
-    """Open and check the manifest (exit 2 on failure), read the done-index, count the work.
+    """Open and check the manifest (exit 2 on failure), read the done-index, count the work."""
+    manifest, total = open_checked(req)
+    done, p = count_work(req, manifest, total)
+    return manifest, done, p
 
-    Ids stream batch by batch against the done-index's sorted array (io/done_index.py): no Python
-    object per row, so ten million rows plan in bounded memory."""
+
+def open_checked(req: RunRequest) -> tuple[Manifest, int]:
+    """The manifest, its ids checked (UsageError, exit 2, on a bad one), and its row count under --limit."""
     manifest = open_manifest(req.manifest)
     total = manifest.check_ids()
     if req.limit is not None:
         total = min(total, req.limit)
+    return manifest, total
+
+
+def count_work(req: RunRequest, manifest: Manifest, total: int) -> tuple[DoneIndex, Plan]:
+    """The done-index of OUT and the rows left to do.
+
+    Ids stream batch by batch against the done-index's sorted array (io/done_index.py): no Python
+    object per row, so ten million rows plan in bounded memory."""
     done = DoneIndex.empty() if req.overwrite else done_index(req.out, req.cfg.hash())
     if done:
         _warn_other_config(req, done)
@@ -198,7 +224,7 @@ def plan(req: RunRequest) -> tuple[Manifest, DoneIndex, Plan]:
     if not req.overwrite:
         for _, ids in manifest.iter_id_batches(limit=req.limit):
             todo -= int(done.is_ok(ids).sum())
-    return manifest, done, Plan(total=total, done_before=total - todo, todo=todo)
+    return done, Plan(total=total, done_before=total - todo, todo=todo)
 
 
 def _warn_other_config(req: RunRequest, done: DoneIndex) -> None:
@@ -222,57 +248,124 @@ def versions() -> dict[str, str]:
 
 
 def execute(req: RunRequest, backend: Backend) -> int:
-    """Run the request on the backend; returns the exit status (0 all done, 1 some rows failed)."""
+    """Run the request on the backend; returns the exit status: 0 all done, 1 some rows failed (or the
+    run stopped for an outage or a lost lease), 128 + signal when a signal stopped it (docs/reliability.md).
+    Raises UsageError (exit 2) for a bad manifest or an output whose lease another run holds."""
+    stop = StopRequest(req.grace_seconds)
+    restore = stop.install()
+    saved = {k: os.environ.get(k) for k in (retry.STORES_ENV, retry.OUTAGE_ENV)}
+    os.environ[retry.STORES_ENV] = retry.guarded_stores(req.out, req.features_uri)  # Ray workers inherit these
+    if req.outage_timeout is not None:
+        os.environ[retry.OUTAGE_ENV] = str(req.outage_timeout)
+    retry.set_outage_timeout(None)
+    try:
+        return _execute(req, backend, stop)
+    finally:
+        restore()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        retry.set_outage_timeout(None)
+
+
+def _execute(req: RunRequest, backend: Backend, stop: StopRequest) -> int:
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
-    manifest, done, p = plan(req)
+    manifest, total = open_checked(req)  # a bad manifest stops here: exit 2, nothing written
     run_id = make_run_id()
+    lease = Lease(req.out, run_id, ttl=req.lease_ttl,
+                  on_lost=lambda msg: stop.request("lease_lost", msg))
+    try:
+        lease.acquire(wait=req.wait_for_lease, cancelled=lambda: stop.requested)  # LeaseHeld: exit 2
+    except (LeaseHeld, GraceExpired):
+        if stop.reason == "signal":
+            log.warning("stopped by %s while waiting for the lease; nothing was written", stop.signal_name)
+            return stop.exit_status
+        raise
+    except StoreUnavailable as e:
+        log.error("%s; nothing was written: re-run the same command when the store is back", e)
+        return 1
+    stop.on_force = lease.release
+    try:
+        return _run_leased(req, backend, stop, manifest, total, run_id, started, t0)
+    except StoreUnavailable as e:
+        log.error("%s; stopped: re-run the same command when the store is back to finish the rest", e)
+        return 1
+    except GraceExpired as e:  # a signal before the work began (reading the done-index)
+        log.warning("%s; stopped before any row was attempted", e)
+        return stop.exit_status or 1
+    finally:
+        stop.on_force = None
+        try:
+            lease.release()
+        except Exception as e:  # noqa: BLE001 - it lapses after its TTL
+            log.warning("could not release the lease (it lapses in %.0f s): %s", lease.ttl, storage.describe(e))
+
+
+def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: Manifest, total: int, run_id: str,
+                started: datetime, t0: float) -> int:
+    """The run proper, with the lease held: the done-index is read now (a run waited for may have done
+    rows meanwhile), then the groups left are translated and recorded."""
+    done, p = count_work(req, manifest, total)
     log.info(
         "run %s: %d rows in the manifest, %d already done, %d to do (engine %s, pipeline %s)",
         run_id, p.total, p.done_before, p.todo, backend.name, req.cfg.name,
     )
-    counts = {"ok": 0, "failed": 0, "companions": 0}
+    counts = {"ok": 0, "failed": 0, "companions": 0, "left_pending": 0}
     sample: list[dict[str, Any]] = []
-    if p.todo:
-        backend.start(req)  # loads the model: an unusable one stops here, before anything is written
+    if p.todo and not stop.requested:
+        try:
+            backend.start(req)  # loads the model: an unusable one stops here, before anything is written
+        except GraceExpired as e:  # a signal came while the model was loading
+            log.warning("%s", e)
+        stop.reclaim()  # ray.init replaces the SIGTERM handler with its own
     # A shard every 1,000 rows or 2 minutes: few files, and a crash loses at most 2 minutes of records
     # (their images exist; the next run redoes those rows and rewrites the same bytes).
     writer = ResultWriter(req.out, run_id, shard_rows=1000, flush_seconds=120.0, extra_schema=manifest.extra_schema)
     status = "finished"
+    stats: dict[str, Any] = {}
     if p.todo:
         progress = Progress(p.todo, f"pnp-batch {run_id}")
+        backend.stopping = stop.event
         try:
-            groups = work_groups(manifest, done, req, counts)
-            for records in backend.map_groups(groups):
-                for rec in records:
-                    rec["run_id"] = run_id
-                    writer.add(rec)
-                    counts[rec["status"]] = counts.get(rec["status"], 0) + 1
-                    if rec["status"] == "failed":
-                        log.warning("row %s failed: %s", rec["id"], rec["error"])
-                    if len(sample) < 200:
-                        sample.append(rec)
-                ok = sum(1 for r in records if r["status"] == "ok")
-                progress.update(ok, len(records) - ok)
-        except BaseException:
-            status = "interrupted"
+            groups = _until_stopped(work_groups(manifest, done, req, counts), stop)
+            for records in (backend.map_groups(groups) if not stop.requested else ()):
+                _record(records, run_id, writer, counts, sample, stop, progress)
+        except GraceExpired as e:
+            log.warning("%s: the rows still in flight stay pending", e)
+            _give_up_in_flight(backend)
+        except StoreUnavailable as e:
+            stop.request("outage", f"{e}; stopping: the rows in flight stay pending")
+        except BaseException as e:
+            status = "error" if isinstance(e, Exception) else "interrupted"
+            stop.message = stop.message or storage.redact(f"{type(e).__name__}: {e}")[:500]
             raise
         finally:
-            writer.close()
+            stop.disarm()
+            status = _status(stop, status)
+            _close(writer, "write the last results shard")
             progress.close()
-            stats = backend.stats()
-            backend.stop()
-            _summary(req, manifest.uri, run_id, started, t0, p, counts, stats, status, backend.name, writer)
+            stats = _call(backend.stats, "collect the engine's statistics") or {}
+            _call(backend.stop, "stop the engine")
+            counts["left_pending"] = p.todo - counts["ok"] - counts["failed"]
+            _call(lambda: _summary(req, manifest.uri, run_id, started, t0, p, counts, stats, status, backend.name,
+                                   writer, stop), "write the run summary")
     else:
         writer.close()
-        _summary(req, manifest.uri, run_id, started, t0, p, counts, {}, status, backend.name, writer)
+        _summary(req, manifest.uri, run_id, started, t0, p, counts, {}, status, backend.name, writer, stop)
         log.info("nothing to do: every row is already done (use --overwrite to redo them)")
-    if req.report and sample:
+    if req.report and sample and status != "outage":
         try:
             write_report(req.out, req.cfg, run_id, sample)
         except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
             log.warning("could not write the contact sheet: %s", storage.redact(str(e)))
     failed = counts.get("failed", 0)
+    if stop.requested:
+        log.warning("run %s stopped (%s): %d ok, %d failed, %d left pending; re-run the same command to finish "
+                    "the rest", run_id, status, counts["ok"], failed, counts["left_pending"])
+        return stop.exit_status
     log.info("run %s finished: %d ok, %d failed, %d done before", run_id, counts["ok"], failed, p.done_before)
     if counts["companions"]:
         log.info("%d rows done before were translated again, not written, as companions of rows redone in their "
@@ -280,12 +373,81 @@ def execute(req: RunRequest, backend: Backend) -> int:
     return 1 if failed else 0
 
 
+def _until_stopped(groups: Iterator[list[Row]], stop: StopRequest) -> Iterator[list[Row]]:
+    """The groups, until a stop is requested: no group is started after it."""
+    for g in groups:
+        if stop.requested:
+            return
+        yield g
+
+
+def _record(records: list[dict[str, Any]], run_id: str, writer: ResultWriter, counts: dict[str, int],
+            sample: list[dict[str, Any]], stop: StopRequest, progress: Progress) -> None:
+    """Write one window's records. A row that failed because the store was unreachable past the outage limit
+    is not recorded (it stays pending, the run stops); once the run gave up on the store, neither is any
+    other failed row (its failure may be the outage's)."""
+    ok = failed = 0
+    for rec in records:
+        if rec["status"] == "failed" and _outage_failure(rec, stop):
+            continue
+        rec["run_id"] = run_id
+        writer.add(rec)
+        counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+        if rec["status"] == "failed":
+            failed += 1
+            log.warning("row %s failed: %s", rec["id"], rec["error"])
+        else:
+            ok += 1
+        if len(sample) < 200:
+            sample.append(rec)
+    progress.update(ok, failed)
+    gave_up = retry.store_unavailable()  # e.g. the lease heartbeat gave up on the store
+    if gave_up and not stop.requested:
+        stop.request("outage", f"{gave_up}; stopping: the rows in flight stay pending")
+
+
+def _outage_failure(rec: dict[str, Any], stop: StopRequest) -> bool:
+    if StoreUnavailable.__name__ in str(rec.get("error") or ""):
+        stop.request("outage", f"{rec['error']}; stopping: the rows in flight stay pending")
+        return True
+    return stop.reason == "outage"
+
+
+def _status(stop: StopRequest, status: str) -> str:
+    if stop.reason == "signal":
+        return "interrupted"
+    if stop.reason in ("outage", "lease_lost"):
+        return stop.reason
+    return status
+
+
+def _give_up_in_flight(backend: Backend) -> None:
+    """Past the grace period: stop the engine without waiting for its workers' last writes."""
+    if hasattr(backend, "close_timeout"):
+        backend.close_timeout = 5.0
+
+
+def _close(writer: ResultWriter, what: str) -> None:
+    _call(writer.close, what)
+
+
+def _call(fn, what: str):
+    """Run a step of the run's teardown; a failure (the store is down) is logged, the teardown goes on."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - the rest of the teardown still runs
+        log.error("could not %s: %s", what, storage.describe(e))
+        return None
+
+
 def _summary(req: RunRequest, manifest_uri: str, run_id: str, started: datetime, t0: float, p: Plan, counts: dict, stats: dict,
-             status: str, engine: str, writer: ResultWriter) -> None:
+             status: str, engine: str, writer: ResultWriter, stop: StopRequest) -> None:
     wall = time.monotonic() - t0
     summary = {
         "run_id": run_id,
         "status": status,
+        "reason": stop.message or None,
+        "signal": stop.signal_name,
         "manifest": manifest_uri,
         "out": req.out,
         "features": req.features_uri,
@@ -300,6 +462,7 @@ def _summary(req: RunRequest, manifest_uri: str, run_id: str, started: datetime,
             "ok": counts.get("ok", 0),
             "failed": counts.get("failed", 0),
             "companions": counts.get("companions", 0),
+            "left_pending": counts.get("left_pending", 0),
         },
         "started_at": started.isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
@@ -308,6 +471,8 @@ def _summary(req: RunRequest, manifest_uri: str, run_id: str, started: datetime,
         "result_files": getattr(writer, "files_written", None),
         "stats": stats,
         "versions": versions(),
-        "options": {"limit": req.limit, "overwrite": req.overwrite, "workers": req.workers},
+        "options": {"limit": req.limit, "overwrite": req.overwrite, "workers": req.workers,
+                    "grace_seconds": req.grace_seconds, "lease_ttl": req.lease_ttl,
+                    "outage_timeout": retry.OUTAGE.limit()},
     }
     write_run_summary(req.out, run_id, summary)

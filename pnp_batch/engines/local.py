@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
@@ -34,6 +35,7 @@ class LocalBackend:
 
     def __init__(self) -> None:
         self.translator = None
+        self.stopping: threading.Event | None = None  # set by the driver: start no new window once it is set
 
     def start(self, req: RunRequest) -> None:
         from pnp_batch.translate.translator import Translator
@@ -48,6 +50,8 @@ class LocalBackend:
         writing: list | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
             for window in _read_ahead(windows(groups, size), pool, self.translator.prefetch):
+                if self.stopping is not None and self.stopping.is_set():
+                    break  # the window read ahead is not started: its rows stay pending
                 started = self.translator.start_many(window)
                 if writing is not None:
                     yield from map(resolve, writing)

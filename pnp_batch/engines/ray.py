@@ -33,6 +33,7 @@ ENV_VARS = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
     "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "PNP_BATCH_CACHE", "HF_HOME", "HF_HUB_OFFLINE",
     "HF_TOKEN", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY",
+    "PNP_BATCH_OUTAGE_TIMEOUT", "PNP_BATCH_OUTAGE_STORES",  # io/retry.py: how long to wait out an outage
 )
 # Test hook: when set, the driver writes "pid<TAB>worker" of every live actor to this file.
 PIDFILE_ENV = "PNP_BATCH_TEST_PIDFILE"
@@ -165,6 +166,10 @@ class RayBackend:
     """Translate groups on a pool of Ray actors (see docs/ray.md)."""
 
     name = "ray"
+    # Shutdown (engines/stop.py): the driver sets `stopping` and stops handing out groups, so no new window
+    # is submitted; after the grace period it lowers `close_timeout`, the wait for the workers' last writes.
+    stopping: threading.Event | None = None
+    close_timeout: float = 120.0
 
     def __init__(self, max_attempts: int = MAX_ATTEMPTS, in_flight_per_worker: int = IN_FLIGHT_PER_WORKER,
                  threads_per_worker: int | None = None) -> None:
@@ -330,7 +335,7 @@ class RayBackend:
         while True:
             # 1. fill every ready worker up to its bound; retries first, then new groups, lazily
             for slot in self.slots:
-                while slot.ready and slot.alive and slot.inflight < self.in_flight_per_worker:
+                while slot.ready and slot.alive and slot.inflight < self.in_flight_per_worker and not self._stopping():
                     if retry:
                         window, attempt, _ = retry.popleft()
                     elif not exhausted:
@@ -345,8 +350,8 @@ class RayBackend:
                     tasks[ref] = _Task(slot, window, attempt)
                     slot.inflight += 1
             starting = {s.ready_ref: s for s in self.slots if s.alive and not s.ready}
-            if not tasks and exhausted and not retry:
-                return
+            if not tasks and ((exhausted and not retry) or self._stopping()):
+                return  # done; or stopping (engines/stop.py): groups not finished stay pending, never failed
             if not tasks and not starting:
                 raise RuntimeError("every Ray worker was lost; re-run the same command to finish the rest")
             # 2. wait for a group to finish or a worker to come up
@@ -381,6 +386,9 @@ class RayBackend:
                 continue
             self.counters[task.slot.name] = out["counters"]
             yield out["records"]
+
+    def _stopping(self) -> bool:
+        return self.stopping is not None and self.stopping.is_set()
 
     # -- reporting and teardown ------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -421,7 +429,8 @@ class RayBackend:
         import ray
 
         try:  # let live workers finish their feature-store writes (bounded: stopping must not hang)
-            ray.wait([s.handle.close.remote() for s in self.slots], num_returns=len(self.slots), timeout=120)
+            ray.wait([s.handle.close.remote() for s in self.slots], num_returns=len(self.slots),
+                     timeout=self.close_timeout)
         except Exception as e:  # noqa: BLE001 - lost workers: nothing to finish
             log.debug("closing workers: %s", type(e).__name__)
         for slot in self.slots:
