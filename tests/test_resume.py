@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -168,10 +169,18 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, reference, signa
             assert time.monotonic() < deadline, f"no image within {START_TIMEOUT}s"
             time.sleep(0.005)
         sent = time.monotonic()
-        for _ in range(signals):
+        proc.send_signal(signal.SIGTERM)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
+        if signals == 2:  # the second signal once the first is acknowledged: signals do not queue
+            while not any("received SIGTERM" in line for line in lines) and proc.poll() is None:
+                assert time.monotonic() - sent < 60, "the first SIGTERM was never acknowledged"
+                time.sleep(0.005)
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.05)
-        _, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+        err = "".join(lines)
         took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
