@@ -11,3 +11,11 @@ class RowError(Exception):
 
 class TransientError(Exception):
     """A failure worth retrying (object-store throttling, 5xx, dropped connection)."""
+
+
+class ClusterLost(Exception):
+    """The compute the run depends on is gone (the Ray node or cluster died, or no worker became ready
+    within --worker-timeout). Nothing is wrong with the rows: the run stops, the groups in flight stay
+    to do (never recorded failed), and the run summary says why. Exit status EXIT_STATUS (3)."""
+
+    EXIT_STATUS = 3

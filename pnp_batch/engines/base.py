@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from pnp_batch import __version__
 from pnp_batch.config import PipelineConfig
+from pnp_batch.errors import ClusterLost
 from pnp_batch.io import storage
 from pnp_batch.io.manifest import Manifest, Row, group_rows, open_manifest
 from pnp_batch.io.results import ResultWriter, latest_results, load_latest, make_run_id, write_run_summary
@@ -189,7 +190,8 @@ def versions() -> dict[str, str]:
 
 
 def execute(req: RunRequest, backend: Backend) -> int:
-    """Run the request on the backend; returns the exit status (0 all done, 1 some rows failed)."""
+    """Run the request on the backend; returns the exit status (0 all done, 1 some rows failed). Raises
+    ClusterLost (exit 3) after writing the records and the summary when the backend lost its cluster."""
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
     manifest, done, p = plan(req)
@@ -201,11 +203,18 @@ def execute(req: RunRequest, backend: Backend) -> int:
     counts = {"ok": 0, "failed": 0, "companions": 0}
     sample: list[dict[str, Any]] = []
     if p.todo:
-        backend.start(req)  # loads the model: an unusable one stops here, before anything is written
+        try:
+            backend.start(req)  # loads the model: an unusable one stops here, before anything is written
+        except ClusterLost as e:  # no worker could start (cluster gone, --worker-timeout): the summary says so
+            backend.stop()
+            _summary(req, manifest.uri, run_id, started, t0, p, counts, {}, "cluster_lost", backend.name, None,
+                     reason=str(e))
+            raise ClusterLost(stopped_message(req, run_id, e, counts, p)) from None
     # A shard every 1,000 rows or 2 minutes: few files, and a crash loses at most 2 minutes of records
     # (their images exist; the next run redoes those rows and rewrites the same bytes).
     writer = ResultWriter(req.out, run_id, shard_rows=1000, flush_seconds=120.0, extra_schema=manifest.extra_schema)
     status = "finished"
+    stopped: ClusterLost | None = None
     if p.todo:
         progress = Progress(p.todo, f"pnp-batch {run_id}")
         try:
@@ -221,6 +230,8 @@ def execute(req: RunRequest, backend: Backend) -> int:
                         sample.append(rec)
                 ok = sum(1 for r in records if r["status"] == "ok")
                 progress.update(ok, len(records) - ok)
+        except ClusterLost as e:  # the groups in flight stay to do; what finished is recorded below
+            status, stopped = "cluster_lost", e
         except BaseException:
             status = "interrupted"
             raise
@@ -229,7 +240,10 @@ def execute(req: RunRequest, backend: Backend) -> int:
             progress.close()
             stats = backend.stats()
             backend.stop()
-            _summary(req, manifest.uri, run_id, started, t0, p, counts, stats, status, backend.name, writer)
+            _summary(req, manifest.uri, run_id, started, t0, p, counts, stats, status, backend.name, writer,
+                     reason=str(stopped) if stopped else None)
+        if stopped is not None:
+            raise ClusterLost(stopped_message(req, run_id, stopped, counts, p)) from None
     else:
         writer.close()
         _summary(req, manifest.uri, run_id, started, t0, p, counts, {}, status, backend.name, writer)
@@ -247,12 +261,24 @@ def execute(req: RunRequest, backend: Backend) -> int:
     return 1 if failed else 0
 
 
+def stopped_message(req: RunRequest, run_id: str, e: ClusterLost, counts: dict, p: Plan) -> str:
+    """The one paragraph a user reads when the cluster stopped the run."""
+    ok, failed = counts.get("ok", 0), counts.get("failed", 0)
+    return (
+        f"the run stopped: {e}. This run recorded {ok} rows ok and {failed} failed; "
+        f"{p.todo - ok - failed} rows are still to do (the groups in flight were left to do, not recorded "
+        f"failed: nothing is wrong with them). Run summary: {storage.join(req.out, 'runs', run_id + '.json')} "
+        f"(status cluster_lost). Re-run the same command once the cluster is back to finish the rest."
+    )
+
+
 def _summary(req: RunRequest, manifest_uri: str, run_id: str, started: datetime, t0: float, p: Plan, counts: dict, stats: dict,
-             status: str, engine: str, writer: ResultWriter) -> None:
+             status: str, engine: str, writer: ResultWriter | None, reason: str | None = None) -> None:
     wall = time.monotonic() - t0
     summary = {
         "run_id": run_id,
         "status": status,
+        "reason": reason,
         "manifest": manifest_uri,
         "out": req.out,
         "features": req.features_uri,

@@ -21,7 +21,7 @@ from typing import Any
 
 from pnp_batch.config import PipelineConfig
 from pnp_batch.engines.base import RunRequest, windows
-from pnp_batch.errors import UsageError
+from pnp_batch.errors import ClusterLost, UsageError
 from pnp_batch.io import storage
 from pnp_batch.io.manifest import Row
 from pnp_batch.io.records import resolve, row_record
@@ -40,6 +40,10 @@ PIDFILE_ENV = "PNP_BATCH_TEST_PIDFILE"
 MAX_ATTEMPTS = 3  # attempts per group when its worker is lost
 IN_FLIGHT_PER_WORKER = 2  # one group sampling, the other reading its source or writing its images
 CPUS_PER_WORKER = 0.5  # Ray's accounting, so a small machine never deadlocks; threads are set separately
+# How long the run waits with no usable worker (none alive and ready) before it stops (--worker-timeout):
+# long enough for an autoscaler to bring up a GPU node and for its worker to load the model.
+DEFAULT_WORKER_TIMEOUT = 900.0
+POLL_SECONDS = 5.0  # a wait that sees nothing finish checks the cluster this often
 
 
 def worker_env() -> dict[str, str]:
@@ -129,6 +133,45 @@ def _reason(e: BaseException) -> str:
     return storage.redact(f"{type(e).__name__}: {text}" if text else type(e).__name__)[:400]
 
 
+def _local_node_dead() -> str | None:
+    """For a Ray instance this process started: which of its vital processes (raylet, GCS) has exited.
+    Seen at once, where the cluster's own health check takes ~15 s to mark a crashed node dead."""
+    try:
+        import ray._private.worker as rw
+
+        node = rw.global_worker.node
+        dead = {kind for kind, _ in node.dead_processes()} if node is not None else set()
+    except Exception as e:  # noqa: BLE001 - a private API: without it, ray.nodes() still tells
+        log.debug("local Ray processes: %s", type(e).__name__)
+        return None
+    gone = sorted(dead & {"raylet", "gcs_server"})
+    return f"the local Ray instance's {' and '.join(gone)} exited" if gone else None
+
+
+def cluster_gone(owns_ray: bool) -> str | None:
+    """Why the Ray cluster can no longer run workers for this driver, or None while it can.
+
+    Gone: the node this driver is attached to is dead (it can neither start nor reach workers), or no
+    node of the cluster is alive. A cluster that lost some nodes, or has none with free GPUs yet (an
+    autoscaler at work), is not gone: --worker-timeout bounds that wait.
+    """
+    import ray
+
+    if owns_ray and (reason := _local_node_dead()):
+        return reason
+    try:
+        nodes = ray.nodes()
+        mine = ray.get_runtime_context().get_node_id()
+    except Exception as e:  # noqa: BLE001 - the GCS does not answer
+        return f"the Ray cluster does not answer ({_reason(e)})"
+    alive = {n.get("NodeID") for n in nodes if n.get("Alive")}
+    if not alive:
+        return f"every node of the Ray cluster is dead ({len(nodes)} known)"
+    if mine and mine not in alive:
+        return f"the Ray node this driver is attached to ({mine[:12]}) is dead: its raylet exited"
+    return None
+
+
 def lost_record(row: Row, cfg: PipelineConfig, model: str, worker: str, attempt: int, error: str) -> dict[str, Any]:
     """The record of a row whose group lost its worker too often."""
     return row_record(row, cfg, "failed", model, worker, attempt, error=error)
@@ -167,8 +210,14 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, max_attempts: int = MAX_ATTEMPTS, in_flight_per_worker: int = IN_FLIGHT_PER_WORKER,
-                 threads_per_worker: int | None = None) -> None:
+                 threads_per_worker: int | None = None, worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
+                 poll_seconds: float = POLL_SECONDS) -> None:
         self.max_attempts = max_attempts
+        self.worker_timeout = worker_timeout
+        self.poll_seconds = poll_seconds
+        self.idle_since: float | None = None  # since when no worker is alive and ready (None: one is)
+        self.idle_logged = 0.0
+        self.start_deaths = 0  # workers that died while starting since one last became ready
         self.threads_per_worker = threads_per_worker
         self.in_flight_per_worker = in_flight_per_worker
         self.req: RunRequest | None = None
@@ -183,6 +232,7 @@ class RayBackend:
         self.model = ""
         self.counters: dict[str, dict[str, int]] = {}  # worker name -> last counters it reported
         self.seen_workers: list[str] = []
+        self.lost_reason: str | None = None
         self._actor_cls = None
         self._env: dict[str, str] = {}
 
@@ -245,21 +295,14 @@ class RayBackend:
         return _Slot(handle=handle, ready_ref=handle.info.remote())
 
     def _wait_first_ready(self) -> None:
-        """Block until one worker has its model loaded; raise its error when every worker failed."""
-        import ray
-
-        waiting = {s.ready_ref: s for s in self.slots}
-        t0 = time.monotonic()
-        while waiting:
-            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=30)
-            if not ready:
-                log.info("waiting for Ray workers to load the model (%.0f s)", time.monotonic() - t0)
-                continue
-            slot = waiting.pop(ready[0])
-            self._on_ready(slot)
-            if slot.ready:
-                return
-        raise RuntimeError("no Ray worker could start")
+        """Block until one worker has its model loaded (bounded: see _wait_one); raise its error when the
+        model cannot load."""
+        self._note_pool()
+        while not self._usable():
+            starting = {s.ready_ref: s for s in self.slots if s.alive and not s.ready}
+            if not starting:
+                raise self._cluster_lost("every Ray worker was lost and none could be started")
+            self._on_ready(starting[self._wait_one(list(starting))])
 
     def _on_ready(self, slot: _Slot) -> None:
         """A worker's constructor finished (or failed): mark it usable, or dead with its reason."""
@@ -269,9 +312,15 @@ class RayBackend:
             info = ray.get(slot.ready_ref)
         except _loss_types() as e:
             slot.alive = False
-            log.warning("a Ray worker died while starting: %s", _reason(e))
-            if not any(s.alive for s in self.slots):
-                raise RuntimeError(f"every Ray worker died while starting: {_reason(e)}") from None
+            reason = _reason(e)
+            log.warning("a Ray worker died while starting: %s", reason)
+            self._check_cluster()  # its node, or the whole cluster, gone: stop here
+            self.start_deaths += 1
+            if self.start_deaths > self.max_attempts * max(1, self.workers):
+                raise self._cluster_lost(f"Ray workers keep dying while starting ({self.start_deaths} since one "
+                                         f"was last ready; last: {reason})") from None
+            self.restarts += 1  # its node may be going while others stay: try again elsewhere
+            self.slots.append(self._new_slot())
             return
         slot.info = info
         if info.get("error"):
@@ -286,11 +335,65 @@ class RayBackend:
             log.warning("a Ray worker could not start: %s", msg)
             return
         slot.ready = True
+        self.start_deaths = 0
+        self._note_pool()
         self.model = info.get("model", self.model)
         if info["worker"] not in self.seen_workers:
             self.seen_workers.append(info["worker"])
         log.info("Ray worker %s ready (%s)", info["worker"], info.get("device", "?"))
         self._write_pidfile()
+
+    # -- bounded waiting -------------------------------------------------------------------------
+    def _usable(self) -> bool:
+        return any(s.alive and s.ready for s in self.slots)
+
+    def _note_pool(self) -> None:
+        """Start (or stop) the --worker-timeout clock: it runs while no worker is alive and ready."""
+        if self._usable():
+            self.idle_since = None
+        elif self.idle_since is None:
+            self.idle_since = time.monotonic()
+            self.idle_logged = self.idle_since
+
+    def _wait_one(self, refs: list[Any]) -> Any:
+        """The first of `refs` to finish. Never unbounded: every POLL_SECONDS without one, the cluster is
+        checked, and the run stops (ClusterLost) when it is gone or no worker was usable for worker_timeout."""
+        import ray
+
+        while True:
+            timeout = self.poll_seconds
+            if self.idle_since is not None:
+                timeout = min(timeout, max(0.05, self.idle_since + self.worker_timeout - time.monotonic()))
+            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            if ready:
+                return ready[0]
+            self._check_cluster()
+
+    def _check_cluster(self) -> None:
+        """Raise ClusterLost when the cluster is gone, or when no worker has been usable for worker_timeout."""
+        if reason := cluster_gone(self.owns_ray):
+            raise self._cluster_lost(reason)
+        self._note_pool()
+        if self.idle_since is None:
+            return
+        now = time.monotonic()
+        idle = now - self.idle_since
+        if idle >= self.worker_timeout:
+            raise self._cluster_lost(
+                f"no Ray worker became ready within --worker-timeout {self.worker_timeout:g} s (the cluster "
+                f"has no node that can run one, or none loaded the model in time)")
+        if now - self.idle_logged >= 30:
+            self.idle_logged = now
+            log.info("no Ray worker ready for %.0f s (loading the model, or waiting for a node); the run stops "
+                     "after --worker-timeout %g s", idle, self.worker_timeout)
+
+    def _cluster_lost(self, reason: str) -> ClusterLost:
+        """The exception that stops the run; every actor is written off (none is waited for any more)."""
+        for slot in self.slots:
+            slot.alive = False
+        self.lost_reason = reason
+        log.error("stopping: %s", reason)
+        return ClusterLost(reason)
 
     def _write_pidfile(self) -> None:
         path = os.environ.get(PIDFILE_ENV)
@@ -314,6 +417,8 @@ class RayBackend:
             ray.kill(slot.handle, no_restart=True)
         except Exception as e:  # noqa: BLE001 - it is gone already
             log.debug("killing a lost worker: %s", type(e).__name__)
+        self._note_pool()
+        self._check_cluster()  # a dead node or cluster: stop, rather than wait for actors it cannot start
         self.restarts += 1
         self.slots.append(self._new_slot())
         self._write_pidfile()
@@ -348,10 +453,10 @@ class RayBackend:
             if not tasks and exhausted and not retry:
                 return
             if not tasks and not starting:
-                raise RuntimeError("every Ray worker was lost; re-run the same command to finish the rest")
-            # 2. wait for a group to finish or a worker to come up
-            ready, _ = ray.wait([*tasks, *starting], num_returns=1)
-            ref = ready[0]
+                raise self._cluster_lost("every Ray worker was lost and none could be started")
+            # 2. wait for a group to finish or a worker to come up (bounded: ClusterLost leaves the groups
+            # in flight and in `retry` unrecorded, i.e. still to do)
+            ref = self._wait_one([*tasks, *starting])
             if ref in starting:
                 self._on_ready(starting[ref])
                 continue
@@ -368,6 +473,7 @@ class RayBackend:
                                 task.rows[0].image or task.rows[0].id, task.attempt + 1, self.max_attempts)
                     retry.append((task.groups, task.attempt + 1, reason))
                     continue
+                self._check_cluster()  # a group is failed for its own losses, never for the cluster's end
                 self.lost_groups += 1
                 msg = f"worker lost {task.attempt} times: {reason}"
                 yield self._lost(task, msg)
@@ -407,6 +513,7 @@ class RayBackend:
             "retries": self.retries,
             "actor_restarts": self.restarts,
             "groups_lost": self.lost_groups,
+            "worker_timeout": self.worker_timeout,
             "device": first.get("device"),
             "dtype": first.get("dtype"),
             "model": first.get("fingerprint"),
@@ -420,8 +527,10 @@ class RayBackend:
     def stop(self) -> None:
         import ray
 
+        live = [s for s in self.slots if s.alive and s.ready]  # a lost or unstarted actor never answers
         try:  # let live workers finish their feature-store writes (bounded: stopping must not hang)
-            ray.wait([s.handle.close.remote() for s in self.slots], num_returns=len(self.slots), timeout=120)
+            if live:
+                ray.wait([s.handle.close.remote() for s in live], num_returns=len(live), timeout=120)
         except Exception as e:  # noqa: BLE001 - lost workers: nothing to finish
             log.debug("closing workers: %s", type(e).__name__)
         for slot in self.slots:
