@@ -161,9 +161,13 @@ def cluster_gone(owns_ray: bool) -> str | None:
         return reason
     try:
         nodes = ray.nodes()
+    except Exception as e:  # noqa: BLE001 - a hiccup (a GCS restarting) must not end a long run: ask again
+        log.warning("could not list the Ray cluster's nodes (%s); asking again in a moment", _reason(e))
+        return None
+    try:
         mine = ray.get_runtime_context().get_node_id()
-    except Exception as e:  # noqa: BLE001 - the GCS does not answer
-        return f"the Ray cluster does not answer ({_reason(e)})"
+    except Exception:  # noqa: BLE001 - e.g. a Ray Client driver: not attached to a node
+        mine = None
     alive = {n.get("NodeID") for n in nodes if n.get("Alive")}
     if not alive:
         return f"every node of the Ray cluster is dead ({len(nodes)} known)"
