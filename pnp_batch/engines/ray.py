@@ -222,6 +222,7 @@ class RayBackend:
         self.idle_since: float | None = None  # since when no worker is alive and ready (None: one is)
         self.idle_logged = 0.0
         self.start_deaths = 0  # workers that died while starting since one last became ready
+        self.checked_at = 0.0  # when the cluster was last checked (monotonic)
         self.threads_per_worker = threads_per_worker
         self.in_flight_per_worker = in_flight_per_worker
         self.req: RunRequest | None = None
@@ -369,12 +370,17 @@ class RayBackend:
             if self.idle_since is not None:
                 timeout = min(timeout, max(0.05, self.idle_since + self.worker_timeout - time.monotonic()))
             ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            if ready and time.monotonic() - self.checked_at < self.poll_seconds:
+                return ready[0]
+            # also while results flow: workers outlive a dead GCS for a while, and Ray ends a driver
+            # that cannot reach its GCS within 60 s; stopping first leaves a summary that says why
+            self._check_cluster()
             if ready:
                 return ready[0]
-            self._check_cluster()
 
     def _check_cluster(self) -> None:
         """Raise ClusterLost when the cluster is gone, or when no worker has been usable for worker_timeout."""
+        self.checked_at = time.monotonic()
         if reason := cluster_gone(self.owns_ray):
             raise self._cluster_lost(reason)
         self._note_pool()
