@@ -43,7 +43,7 @@ CPUS_PER_WORKER = 0.5  # Ray's accounting, so a small machine never deadlocks; t
 # How long the run waits with no usable worker (none alive and ready) before it stops (--worker-timeout):
 # long enough for an autoscaler to bring up a GPU node and for its worker to load the model.
 DEFAULT_WORKER_TIMEOUT = 900.0
-POLL_SECONDS = 5.0  # a wait that sees nothing finish checks the cluster this often
+POLL_SECONDS = 5.0  # the driver checks the cluster at least this often (ray.wait is never unbounded)
 
 
 def worker_env() -> dict[str, str]:
@@ -237,7 +237,6 @@ class RayBackend:
         self.model = ""
         self.counters: dict[str, dict[str, int]] = {}  # worker name -> last counters it reported
         self.seen_workers: list[str] = []
-        self.lost_reason: str | None = None
         self._actor_cls = None
         self._env: dict[str, str] = {}
 
@@ -401,7 +400,6 @@ class RayBackend:
         """The exception that stops the run; every actor is written off (none is waited for any more)."""
         for slot in self.slots:
             slot.alive = False
-        self.lost_reason = reason
         log.error("stopping: %s", reason)
         return ClusterLost(reason)
 
