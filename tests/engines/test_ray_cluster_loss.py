@@ -193,3 +193,11 @@ def test_losing_one_node_of_two_goes_on_with_the_survivor(manifest: Path, local_
     assert stats["actor_restarts"] >= 1 and stats["retries"] >= 1 and stats["groups_lost"] == 0, stats
     assert any(r["attempt"] == 2 for r in records(str(out)))  # the lost worker's groups, done again elsewhere
     assert_finished_like_local(out, local_images)
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_a_worker_timeout_that_is_not_positive_is_refused(value: str, manifest: Path, tmp_path: Path,
+                                                          capfd: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    assert run_cli(str(manifest), "--out", str(out), "--engine", "ray", "--worker-timeout", value, *FAST) == 2
+    assert "--worker-timeout must be > 0" in capfd.readouterr().err and not out.exists()
