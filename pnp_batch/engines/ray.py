@@ -21,6 +21,7 @@ from typing import Any
 
 from pnp_batch.config import PipelineConfig
 from pnp_batch.engines.base import RunRequest, windows
+from pnp_batch.engines.ray_cluster import cluster_gone
 from pnp_batch.errors import ClusterLost, UsageError
 from pnp_batch.io import storage
 from pnp_batch.io.manifest import Row
@@ -131,49 +132,6 @@ def _reason(e: BaseException) -> str:
     keep = [ln for ln in lines if not ln.startswith(("class_name", "actor_id", "namespace", "name:"))]
     text = "; ".join(keep[:3]) if keep else ""
     return storage.redact(f"{type(e).__name__}: {text}" if text else type(e).__name__)[:400]
-
-
-def _local_node_dead() -> str | None:
-    """For a Ray instance this process started: which of its vital processes (raylet, GCS) has exited.
-    Seen at once, where the cluster's own health check takes ~15 s to mark a crashed node dead."""
-    try:
-        import ray._private.worker as rw
-
-        node = rw.global_worker.node
-        dead = {kind for kind, _ in node.dead_processes()} if node is not None else set()
-    except Exception as e:  # noqa: BLE001 - a private API: without it, ray.nodes() still tells
-        log.debug("local Ray processes: %s", type(e).__name__)
-        return None
-    gone = sorted(dead & {"raylet", "gcs_server"})
-    return f"the local Ray instance's {' and '.join(gone)} exited" if gone else None
-
-
-def cluster_gone(owns_ray: bool) -> str | None:
-    """Why the Ray cluster can no longer run workers for this driver, or None while it can.
-
-    Gone: the node this driver is attached to is dead (it can neither start nor reach workers), or no
-    node of the cluster is alive. A cluster that lost some nodes, or has none with free GPUs yet (an
-    autoscaler at work), is not gone: --worker-timeout bounds that wait.
-    """
-    import ray
-
-    if owns_ray and (reason := _local_node_dead()):
-        return reason
-    try:
-        nodes = ray.nodes()
-    except Exception as e:  # noqa: BLE001 - a hiccup (a GCS restarting) must not end a long run: ask again
-        log.warning("could not list the Ray cluster's nodes (%s); asking again in a moment", _reason(e))
-        return None
-    try:
-        mine = ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - e.g. a Ray Client driver: not attached to a node
-        mine = None
-    alive = {n.get("NodeID") for n in nodes if n.get("Alive")}
-    if not alive:
-        return f"every node of the Ray cluster is dead ({len(nodes)} known)"
-    if mine and mine not in alive:
-        return f"the Ray node this driver is attached to ({mine[:12]}) is dead: its raylet exited"
-    return None
 
 
 def lost_record(row: Row, cfg: PipelineConfig, model: str, worker: str, attempt: int, error: str) -> dict[str, Any]:
