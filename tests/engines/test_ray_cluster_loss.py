@@ -13,12 +13,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray")
+ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from test_ray_engine import FAST, ROOT, records, run_cli, run_local_one_thread, write_manifest
@@ -26,6 +26,21 @@ from test_ray_engine import FAST, ROOT, records, run_cli, run_local_one_thread, 
 SOURCES, PER_SOURCE = 20, 2  # 40 rows: a few seconds of work for 2 workers, long enough to kill mid-run
 IDS = {f"s{s}-t{k}" for s in range(SOURCES) for k in range(PER_SOURCE)}
 MB = 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[str]:
+    """The session's small local Ray instance (test_ray_engine's ray_instance, by another name: a fixture
+    is not shared across test modules without a conftest); yields its address."""
+    if ray.is_initialized():
+        yield ray.get_runtime_context().gcs_address
+        return
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * MB, log_to_driver=True,
+             configure_logging=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +119,7 @@ def assert_finished_like_local(out: Path, local_images: Path) -> None:
 @pytest.mark.parametrize("take", [dashboard_agent, whole_node], ids=["dashboard-agent", "whole-node"])
 def test_the_node_taken_away_stops_the_run_and_the_next_run_finishes(
     take: Callable[[psutil.Process], list[psutil.Process]], manifest: Path, local_images: Path, tmp_path: Path,
-    ray_instance: str,
+    ray_session: str,
 ) -> None:
     out = tmp_path / "out"
     proc = start_run(manifest, out, "--worker-timeout", "120")  # a local Ray of its own, as a user's run
@@ -140,20 +155,20 @@ def test_the_node_taken_away_stops_the_run_and_the_next_run_finishes(
 
     # the same command again (on a Ray that is up) finishes the rest, as if nothing had happened
     assert run_cli(str(manifest), "--out", str(out), "--engine", "ray", "--workers", "2", "--ray-address",
-                   ray_instance, *FAST) == 0
+                   ray_session, *FAST) == 0
     assert summaries(out)[-1]["counts"]["ok"] == len(IDS) - counts["ok"]
     assert_finished_like_local(out, local_images)
 
 
 @pytest.mark.slow
-def test_no_worker_within_the_timeout_stops_the_run(manifest: Path, tmp_path: Path, ray_instance: str,
+def test_no_worker_within_the_timeout_stops_the_run(manifest: Path, tmp_path: Path, ray_session: str,
                                                     capfd: pytest.CaptureFixture) -> None:
     """Actors that no node can host (a GPU each on a CPU cluster: they wait for an autoscaler that never
     comes) stop the run after --worker-timeout, with nothing recorded and the summary saying why."""
     out = tmp_path / "out"
     t0 = time.monotonic()
     code = run_cli(str(manifest), "--out", str(out), "--engine", "ray", "--workers", "1", "--ray-address",
-                   ray_instance, "--gpus-per-worker", "1", "--worker-timeout", "2", *FAST)
+                   ray_session, "--gpus-per-worker", "1", "--worker-timeout", "2", *FAST)
     took = time.monotonic() - t0
     err = capfd.readouterr().err
     assert code == 3, err[-3000:]
