@@ -216,3 +216,41 @@ def test_a_worker_timeout_that_is_not_positive_is_refused(value: str, manifest: 
     out = tmp_path / "out"
     assert run_cli(str(manifest), "--out", str(out), "--engine", "ray", "--worker-timeout", value, *FAST) == 2
     assert "--worker-timeout must be > 0" in capfd.readouterr().err and not out.exists()
+
+
+class _Context:
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+
+    def get_node_id(self) -> str:
+        return self.node_id
+
+
+@pytest.mark.parametrize(("alive", "mine", "expected"), [
+    ({"a": True, "b": True}, "a", None),
+    ({"a": True, "b": False}, "a", None),  # one node of two lost: the run goes on with the other
+    ({"a": False, "b": True}, "a", "the Ray node this driver is attached to (a) is dead"),
+    ({"a": False, "b": False}, "a", "every node of the Ray cluster is dead (2 known)"),
+    ({}, "a", "every node of the Ray cluster is dead (0 known)"),
+])
+def test_what_counts_as_the_cluster_gone_on_a_joined_cluster(
+    alive: dict[str, bool], mine: str, expected: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pnp_batch.engines.ray_cluster import cluster_gone
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": k, "Alive": v} for k, v in alive.items()])
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: _Context(mine))
+    reason = cluster_gone(owns_ray=False)
+    assert (reason is None) if expected is None else reason.startswith(expected), reason
+
+
+def test_a_cluster_that_does_not_answer_is_asked_again(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from pnp_batch.engines.ray_cluster import cluster_gone
+
+    def down() -> list:
+        raise ConnectionError("GCS at 10.0.0.1:6379 unavailable")
+
+    monkeypatch.setattr(ray, "nodes", down)
+    assert cluster_gone(owns_ray=False) is None  # a restarting GCS must not end a long run
+    assert "could not list the Ray cluster's nodes (ConnectionError: GCS at 10.0.0.1:6379" in caplog.text
