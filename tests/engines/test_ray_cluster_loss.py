@@ -194,7 +194,7 @@ def test_losing_one_node_of_two_goes_on_with_the_survivor(manifest: Path, local_
             pids = wait_mid_run(proc, out)
             raylet = psutil.Process(pids[0]).ppid()  # the node of one worker (maybe of both)
             [victim] = [n for n in nodes if n.all_processes["raylet"][0].process.pid == raylet]
-            cluster.remove_node(victim, allow_graceful=False)
+            cluster.remove_node(victim)  # its raylet stops and the cluster marks the node dead at once
             _, err = proc.communicate(timeout=300)
         finally:
             if proc.poll() is None:
