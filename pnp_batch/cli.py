@@ -10,14 +10,16 @@ import sys
 from collections.abc import Sequence
 
 from pnp_batch import __version__
-from pnp_batch.errors import UsageError
+from pnp_batch.errors import ClusterLost, UsageError
 
 log = logging.getLogger("pnp_batch")
 
 EPILOG = """exit status: 0 every row done (now or in an earlier run); 1 the run finished but some rows
 failed (each recorded with its reason), or it stopped because the output store was unreachable past
 --outage-timeout; 2 the request itself is unusable, or another run holds the output's lease (nothing
-is written); 130 / 143 stopped by SIGINT / SIGTERM (re-run the same command to finish the rest)."""
+is written); 3 the run was stopped by its infrastructure (Ray cluster or node lost, no worker within
+--worker-timeout): nothing is wrong with the rows; 130 / 143 stopped by SIGINT / SIGTERM (re-run the
+same command to finish the rest)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: start a local Ray instance")
     r.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, or CPUs/2)")
     r.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per Ray actor (default 1 with GPUs)")
+    r.add_argument("--worker-timeout", type=float, default=None, metavar="SECONDS",
+                   help="Ray: stop the run (exit 3) when no worker is alive and ready for this long "
+                   "(default 900: time for an autoscaler to add a GPU node and load the model)")
     r.add_argument("--features", default=None, help="feature store URI (default OUT/features); shareable")
     r.add_argument("--limit", type=int, default=None, help="only the first N manifest rows")
     r.add_argument("--overwrite", action="store_true", help="redo rows already done")
@@ -158,6 +163,8 @@ def cmd_run(a: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be a number of seconds >= 0")
     if a.lease_ttl is not None and a.lease_ttl < MIN_TTL:
         raise UsageError(f"--lease-ttl must be at least {MIN_TTL:g} seconds")
+    if a.worker_timeout is not None and not a.worker_timeout > 0:
+        raise UsageError("--worker-timeout must be > 0 seconds")
     req = RunRequest(
         manifest=a.manifest, out=a.out, cfg=cfg, features=a.features, limit=a.limit, overwrite=a.overwrite,
         dry_run=a.dry_run, engine=a.engine, ray_address=a.ray_address, workers=a.workers,
@@ -178,7 +185,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.engine == "ray":
         from pnp_batch.engines.ray import RayBackend
 
-        backend = RayBackend()
+        backend = RayBackend() if a.worker_timeout is None else RayBackend(worker_timeout=a.worker_timeout)
     else:
         from pnp_batch.engines.local import LocalBackend
 
@@ -258,6 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"pnp-batch: error: {redact(str(e))}", file=sys.stderr)
         return 2
+    except ClusterLost as e:
+        from pnp_batch.io.storage import redact
+
+        print(f"pnp-batch: {redact(str(e))}", file=sys.stderr)
+        return ClusterLost.EXIT_STATUS
     except KeyboardInterrupt:
         print("pnp-batch: interrupted; re-run the same command to finish the remaining rows", file=sys.stderr)
         return 130

@@ -16,3 +16,11 @@ class TransientError(Exception):
 class StoreUnavailable(TransientError):
     """The store could not be reached for longer than the outage limit (--outage-timeout): the run stops,
     leaving the rows it had in flight pending."""
+
+
+class ClusterLost(Exception):
+    """The compute the run depends on is gone (the Ray node or cluster died, or no worker became ready
+    within --worker-timeout). Nothing is wrong with the rows: the run stops, the groups in flight stay
+    to do (never recorded failed), and the run summary says why. Exit status EXIT_STATUS (3)."""
+
+    EXIT_STATUS = 3

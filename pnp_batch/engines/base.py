@@ -18,7 +18,7 @@ import numpy as np
 from pnp_batch import __version__
 from pnp_batch.config import PipelineConfig
 from pnp_batch.engines.stop import DEFAULT_GRACE, GraceExpired, StopRequest
-from pnp_batch.errors import StoreUnavailable
+from pnp_batch.errors import ClusterLost, StoreUnavailable
 from pnp_batch.io import retry, storage
 from pnp_batch.io.done_index import DoneIndex
 from pnp_batch.io.lease import DEFAULT_TTL, Lease, LeaseHeld
@@ -250,7 +250,8 @@ def versions() -> dict[str, str]:
 def execute(req: RunRequest, backend: Backend) -> int:
     """Run the request on the backend; returns the exit status: 0 all done, 1 some rows failed (or the
     run stopped for an outage or a lost lease), 128 + signal when a signal stopped it (docs/reliability.md).
-    Raises UsageError (exit 2) for a bad manifest or an output whose lease another run holds."""
+    Raises UsageError (exit 2) for a bad manifest or an output whose lease another run holds, and
+    ClusterLost (exit 3) after writing the records and the summary when the backend lost its cluster."""
     stop = StopRequest(req.grace_seconds)
     restore = stop.install()
     saved = {k: os.environ.get(k) for k in (retry.STORES_ENV, retry.OUTAGE_ENV)}
@@ -320,12 +321,21 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
             backend.start(req)  # loads the model: an unusable one stops here, before anything is written
         except GraceExpired as e:  # a signal came while the model was loading
             log.warning("%s", e)
+        except ClusterLost as e:  # no worker could start (cluster gone, --worker-timeout): the summary says so
+            stop.request("cluster_lost", str(e))
+            stop.disarm()
+            _call(backend.stop, "stop the engine")
+            counts["left_pending"] = p.todo
+            _call(lambda: _summary(req, manifest.uri, run_id, started, t0, p, counts, {}, "cluster_lost",
+                                   backend.name, None, stop), "write the run summary")
+            raise ClusterLost(stopped_message(req, run_id, e, counts, p)) from None
         stop.reclaim()  # ray.init replaces the SIGTERM handler with its own
     # A shard every 1,000 rows or 2 minutes: few files, and a crash loses at most 2 minutes of records
     # (their images exist; the next run redoes those rows and rewrites the same bytes).
     writer = ResultWriter(req.out, run_id, shard_rows=1000, flush_seconds=120.0, extra_schema=manifest.extra_schema)
     status = "finished"
     stats: dict[str, Any] = {}
+    lost: ClusterLost | None = None
     if p.todo:
         progress = Progress(p.todo, f"pnp-batch {run_id}")
         backend.stopping = stop.event
@@ -336,6 +346,9 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
         except GraceExpired as e:
             log.warning("%s: the rows still in flight stay pending", e)
             _give_up_in_flight(backend)
+        except ClusterLost as e:  # the groups in flight stay to do; what finished is recorded below
+            lost = e
+            stop.request("cluster_lost", str(e))
         except StoreUnavailable as e:
             stop.request("outage", f"{e}; stopping: the rows in flight stay pending")
         except BaseException as e:
@@ -362,6 +375,8 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
         except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
             log.warning("could not write the contact sheet: %s", storage.redact(str(e)))
     failed = counts.get("failed", 0)
+    if lost is not None:
+        raise ClusterLost(stopped_message(req, run_id, lost, counts, p)) from None
     if stop.requested:
         log.warning("run %s stopped (%s): %d ok, %d failed, %d left pending; re-run the same command to finish "
                     "the rest", run_id, status, counts["ok"], failed, counts["left_pending"])
@@ -416,7 +431,7 @@ def _outage_failure(rec: dict[str, Any], stop: StopRequest) -> bool:
 def _status(stop: StopRequest, status: str) -> str:
     if stop.reason == "signal":
         return "interrupted"
-    if stop.reason in ("outage", "lease_lost"):
+    if stop.reason in ("outage", "lease_lost", "cluster_lost"):
         return stop.reason
     return status
 
@@ -440,8 +455,19 @@ def _call(fn, what: str):
         return None
 
 
+def stopped_message(req: RunRequest, run_id: str, e: ClusterLost, counts: dict, p: Plan) -> str:
+    """The one paragraph a user reads when the cluster stopped the run."""
+    ok, failed = counts.get("ok", 0), counts.get("failed", 0)
+    return (
+        f"the run stopped: {e}. This run recorded {ok} rows ok and {failed} failed; "
+        f"{p.todo - ok - failed} rows are still to do (the groups in flight were left to do, not recorded "
+        f"failed: nothing is wrong with them). Run summary: {storage.join(req.out, 'runs', run_id + '.json')} "
+        f"(status cluster_lost). Re-run the same command once the cluster is back to finish the rest."
+    )
+
+
 def _summary(req: RunRequest, manifest_uri: str, run_id: str, started: datetime, t0: float, p: Plan, counts: dict, stats: dict,
-             status: str, engine: str, writer: ResultWriter, stop: StopRequest) -> None:
+             status: str, engine: str, writer: ResultWriter | None, stop: StopRequest) -> None:
     wall = time.monotonic() - t0
     summary = {
         "run_id": run_id,

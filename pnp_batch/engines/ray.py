@@ -21,7 +21,8 @@ from typing import Any
 
 from pnp_batch.config import PipelineConfig
 from pnp_batch.engines.base import RunRequest, windows
-from pnp_batch.errors import UsageError
+from pnp_batch.engines.ray_cluster import cluster_gone
+from pnp_batch.errors import ClusterLost, UsageError
 from pnp_batch.io import storage
 from pnp_batch.io.manifest import Row
 from pnp_batch.io.records import resolve, row_record
@@ -41,6 +42,10 @@ PIDFILE_ENV = "PNP_BATCH_TEST_PIDFILE"
 MAX_ATTEMPTS = 3  # attempts per group when its worker is lost
 IN_FLIGHT_PER_WORKER = 2  # one group sampling, the other reading its source or writing its images
 CPUS_PER_WORKER = 0.5  # Ray's accounting, so a small machine never deadlocks; threads are set separately
+# How long the run waits with no usable worker (none alive and ready) before it stops (--worker-timeout):
+# long enough for an autoscaler to bring up a GPU node and for its worker to load the model.
+DEFAULT_WORKER_TIMEOUT = 900.0
+POLL_SECONDS = 5.0  # the driver checks the cluster at least this often (ray.wait is never unbounded)
 
 
 def worker_env() -> dict[str, str]:
@@ -172,8 +177,15 @@ class RayBackend:
     close_timeout: float = 120.0
 
     def __init__(self, max_attempts: int = MAX_ATTEMPTS, in_flight_per_worker: int = IN_FLIGHT_PER_WORKER,
-                 threads_per_worker: int | None = None) -> None:
+                 threads_per_worker: int | None = None, worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
+                 poll_seconds: float = POLL_SECONDS) -> None:
         self.max_attempts = max_attempts
+        self.worker_timeout = worker_timeout
+        self.poll_seconds = poll_seconds
+        self.idle_since: float | None = None  # since when no worker is alive and ready (None: one is)
+        self.idle_logged = 0.0
+        self.start_deaths = 0  # workers that died while starting since one last became ready
+        self.checked_at = 0.0  # when the cluster was last checked (monotonic)
         self.threads_per_worker = threads_per_worker
         self.in_flight_per_worker = in_flight_per_worker
         self.req: RunRequest | None = None
@@ -250,21 +262,14 @@ class RayBackend:
         return _Slot(handle=handle, ready_ref=handle.info.remote())
 
     def _wait_first_ready(self) -> None:
-        """Block until one worker has its model loaded; raise its error when every worker failed."""
-        import ray
-
-        waiting = {s.ready_ref: s for s in self.slots}
-        t0 = time.monotonic()
-        while waiting:
-            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=30)
-            if not ready:
-                log.info("waiting for Ray workers to load the model (%.0f s)", time.monotonic() - t0)
-                continue
-            slot = waiting.pop(ready[0])
-            self._on_ready(slot)
-            if slot.ready:
-                return
-        raise RuntimeError("no Ray worker could start")
+        """Block until one worker has its model loaded (bounded: see _wait_one); raise its error when the
+        model cannot load."""
+        self._note_pool()
+        while not self._usable():
+            starting = {s.ready_ref: s for s in self.slots if s.alive and not s.ready}
+            if not starting:
+                raise self._cluster_lost("every Ray worker was lost and none could be started")
+            self._on_ready(starting[self._wait_one(list(starting))])
 
     def _on_ready(self, slot: _Slot) -> None:
         """A worker's constructor finished (or failed): mark it usable, or dead with its reason."""
@@ -274,9 +279,15 @@ class RayBackend:
             info = ray.get(slot.ready_ref)
         except _loss_types() as e:
             slot.alive = False
-            log.warning("a Ray worker died while starting: %s", _reason(e))
-            if not any(s.alive for s in self.slots):
-                raise RuntimeError(f"every Ray worker died while starting: {_reason(e)}") from None
+            reason = _reason(e)
+            log.warning("a Ray worker died while starting: %s", reason)
+            self._check_cluster()  # its node, or the whole cluster, gone: stop here
+            self.start_deaths += 1
+            if self.start_deaths > self.max_attempts * max(1, self.workers):
+                raise self._cluster_lost(f"Ray workers keep dying while starting ({self.start_deaths} since one "
+                                         f"was last ready; last: {reason})") from None
+            self.restarts += 1  # its node may be going while others stay: try again elsewhere
+            self.slots.append(self._new_slot())
             return
         slot.info = info
         if info.get("error"):
@@ -291,11 +302,69 @@ class RayBackend:
             log.warning("a Ray worker could not start: %s", msg)
             return
         slot.ready = True
+        self.start_deaths = 0
+        self._note_pool()
         self.model = info.get("model", self.model)
         if info["worker"] not in self.seen_workers:
             self.seen_workers.append(info["worker"])
         log.info("Ray worker %s ready (%s)", info["worker"], info.get("device", "?"))
         self._write_pidfile()
+
+    # -- bounded waiting -------------------------------------------------------------------------
+    def _usable(self) -> bool:
+        return any(s.alive and s.ready for s in self.slots)
+
+    def _note_pool(self) -> None:
+        """Start (or stop) the --worker-timeout clock: it runs while no worker is alive and ready."""
+        if self._usable():
+            self.idle_since = None
+        elif self.idle_since is None:
+            self.idle_since = time.monotonic()
+            self.idle_logged = self.idle_since
+
+    def _wait_one(self, refs: list[Any]) -> Any:
+        """The first of `refs` to finish. Never unbounded: every POLL_SECONDS without one, the cluster is
+        checked, and the run stops (ClusterLost) when it is gone or no worker was usable for worker_timeout."""
+        import ray
+
+        while True:
+            timeout = self.poll_seconds
+            if self.idle_since is not None:
+                timeout = min(timeout, max(0.05, self.idle_since + self.worker_timeout - time.monotonic()))
+            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            if ready and time.monotonic() - self.checked_at < self.poll_seconds:
+                return ready[0]
+            # also while results flow: workers outlive a dead GCS for a while, and Ray ends a driver
+            # that cannot reach its GCS within 60 s; stopping first leaves a summary that says why
+            self._check_cluster()
+            if ready:
+                return ready[0]
+
+    def _check_cluster(self) -> None:
+        """Raise ClusterLost when the cluster is gone, or when no worker has been usable for worker_timeout."""
+        self.checked_at = time.monotonic()
+        if reason := cluster_gone(self.owns_ray):
+            raise self._cluster_lost(reason)
+        self._note_pool()
+        if self.idle_since is None:
+            return
+        now = time.monotonic()
+        idle = now - self.idle_since
+        if idle >= self.worker_timeout:
+            raise self._cluster_lost(
+                f"no Ray worker became ready within --worker-timeout {self.worker_timeout:g} s (the cluster "
+                f"has no node that can run one, or none loaded the model in time)")
+        if now - self.idle_logged >= 30:
+            self.idle_logged = now
+            log.info("no Ray worker ready for %.0f s (loading the model, or waiting for a node); the run stops "
+                     "after --worker-timeout %g s", idle, self.worker_timeout)
+
+    def _cluster_lost(self, reason: str) -> ClusterLost:
+        """The exception that stops the run; every actor is written off (none is waited for any more)."""
+        for slot in self.slots:
+            slot.alive = False
+        log.error("stopping: %s", reason)
+        return ClusterLost(reason)
 
     def _write_pidfile(self) -> None:
         path = os.environ.get(PIDFILE_ENV)
@@ -319,6 +388,8 @@ class RayBackend:
             ray.kill(slot.handle, no_restart=True)
         except Exception as e:  # noqa: BLE001 - it is gone already
             log.debug("killing a lost worker: %s", type(e).__name__)
+        self._note_pool()
+        self._check_cluster()  # a dead node or cluster: stop, rather than wait for actors it cannot start
         self.restarts += 1
         self.slots.append(self._new_slot())
         self._write_pidfile()
@@ -353,10 +424,10 @@ class RayBackend:
             if not tasks and ((exhausted and not retry) or self._stopping()):
                 return  # done; or stopping (engines/stop.py): groups not finished stay pending, never failed
             if not tasks and not starting:
-                raise RuntimeError("every Ray worker was lost; re-run the same command to finish the rest")
-            # 2. wait for a group to finish or a worker to come up
-            ready, _ = ray.wait([*tasks, *starting], num_returns=1)
-            ref = ready[0]
+                raise self._cluster_lost("every Ray worker was lost and none could be started")
+            # 2. wait for a group to finish or a worker to come up (bounded: ClusterLost leaves the groups
+            # in flight and in `retry` unrecorded, i.e. still to do)
+            ref = self._wait_one([*tasks, *starting])
             if ref in starting:
                 self._on_ready(starting[ref])
                 continue
@@ -373,6 +444,7 @@ class RayBackend:
                                 task.rows[0].image or task.rows[0].id, task.attempt + 1, self.max_attempts)
                     retry.append((task.groups, task.attempt + 1, reason))
                     continue
+                self._check_cluster()  # a group is failed for its own losses, never for the cluster's end
                 self.lost_groups += 1
                 msg = f"worker lost {task.attempt} times: {reason}"
                 yield self._lost(task, msg)
@@ -415,6 +487,7 @@ class RayBackend:
             "retries": self.retries,
             "actor_restarts": self.restarts,
             "groups_lost": self.lost_groups,
+            "worker_timeout": self.worker_timeout,
             "device": first.get("device"),
             "dtype": first.get("dtype"),
             "model": first.get("fingerprint"),
@@ -428,9 +501,10 @@ class RayBackend:
     def stop(self) -> None:
         import ray
 
+        live = [s for s in self.slots if s.alive and s.ready]  # a lost or unstarted actor never answers
         try:  # let live workers finish their feature-store writes (bounded: stopping must not hang)
-            ray.wait([s.handle.close.remote() for s in self.slots], num_returns=len(self.slots),
-                     timeout=self.close_timeout)
+            if live:
+                ray.wait([s.handle.close.remote() for s in live], num_returns=len(live), timeout=self.close_timeout)
         except Exception as e:  # noqa: BLE001 - lost workers: nothing to finish
             log.debug("closing workers: %s", type(e).__name__)
         for slot in self.slots:
