@@ -15,6 +15,9 @@ log = logging.getLogger("pnp_batch")
 
 EPILOG = """exit status: 0 every row done (now or in an earlier run); 1 the run finished but some rows
 failed (each recorded with its reason); 2 the request itself is unusable (nothing is written)."""
+EVAL_EPILOG = """exit status: 0 every ok row scored (now or earlier); 1 some rows could not be scored (each recorded
+in OUT/eval/ with its reason); 2 the request is unusable (no results in OUT, a metric model that cannot be
+loaded, a bad --set): nothing is written."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,11 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="redo rows already done")
     r.add_argument("--dry-run", action="store_true", help="validate and plan; load no model")
     r.add_argument("--no-report", action="store_true", help="skip the contact sheet")
+    r.add_argument("--eval", action="store_true",
+                   help="score each row in the worker right after decoding (CLIP score, structure distance) "
+                   "into OUT/eval/; the metric models are the keys eval_clip_model / eval_dino_model")
     r.add_argument("--fallback-pipeline", default=None, metavar="NAME",
                    help="if the pipeline's model cannot be loaded here (no weights, no hub), say so and run this "
                    "pipeline instead (the README's demo uses 'tiny')")
     r.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec storage option (repeatable), e.g. client_kwargs.region_name=eu-west-1")
+
+    e = sub.add_parser("eval", help="score the ok rows of an output not scored yet (CLIP score, structure "
+                       "distance) into OUT/eval/", epilog=EVAL_EPILOG)
+    e.add_argument("out", help="an output of pnp-batch run (folder or object-store prefix)")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="eval_clip_model, eval_clip_revision, eval_dino_model, eval_dino_revision, device, dtype "
+                   "(default: the latest run's)")
+    e.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (this process) or ray (Ray Data, an actor pool holding the metric models)")
+    e.add_argument("--ray-address", default=None, help="Ray cluster to join ('auto' = running cluster)")
+    e.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, or CPUs/2)")
+    e.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per Ray actor (default 1 with GPUs)")
+    e.add_argument("--limit", type=int, default=None, help="score at most N rows")
+    e.add_argument("--overwrite", action="store_true", help="score rows again that already have a score")
+    e.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
 
     v = sub.add_parser("validate", help="check a manifest without loading a model")
     v.add_argument("manifest")
@@ -140,7 +161,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     req = RunRequest(
         manifest=a.manifest, out=a.out, cfg=cfg, features=a.features, limit=a.limit, overwrite=a.overwrite,
         dry_run=a.dry_run, engine=a.engine, ray_address=a.ray_address, workers=a.workers,
-        gpus_per_worker=a.gpus_per_worker, report=not a.no_report, storage_options=opts,
+        gpus_per_worker=a.gpus_per_worker, report=not a.no_report, storage_options=opts, eval=a.eval,
     )
     if a.dry_run:
         _, _, p = plan(req)
@@ -164,6 +185,18 @@ def cmd_run(a: argparse.Namespace) -> int:
     return execute(req, backend)
 
 
+def cmd_eval(a: argparse.Namespace) -> int:
+    from pnp_batch.engines.evaluate import EvalRequest, evaluate
+
+    if a.workers is not None and a.workers < 1:
+        raise UsageError("--workers must be >= 1")
+    opts = _storage(a.storage_option)
+    return evaluate(EvalRequest(
+        out=a.out, overrides=a.overrides, engine=a.engine, ray_address=a.ray_address, workers=a.workers,
+        gpus_per_worker=a.gpus_per_worker, limit=a.limit, overwrite=a.overwrite, storage_options=opts,
+    ))
+
+
 def cmd_validate(a: argparse.Namespace) -> int:
     from pnp_batch.io.validate import validate_manifest
 
@@ -177,7 +210,10 @@ def cmd_status(a: argparse.Namespace) -> int:
     from pnp_batch.io.results import status_report
 
     _storage(a.storage_option)
+    from pnp_batch.io.metrics import format_score_stats, score_stats
+
     print(status_report(a.out).format())
+    print(format_score_stats(score_stats(a.out)))
     return 0
 
 
@@ -197,6 +233,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 VERBS = {
     "run": cmd_run,
+    "eval": cmd_eval,
     "validate": cmd_validate,
     "status": cmd_status,
     "make-test-model": cmd_make_test_model,

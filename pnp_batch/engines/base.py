@@ -15,6 +15,8 @@ from pnp_batch import __version__
 from pnp_batch.config import PipelineConfig
 from pnp_batch.io import storage
 from pnp_batch.io.manifest import Manifest, Row, group_rows, open_manifest
+from pnp_batch.io.metrics import ScoreWriter
+from pnp_batch.io.records import SCORES_FIELD
 from pnp_batch.io.results import ResultWriter, latest_results, load_latest, make_run_id, write_run_summary
 from pnp_batch.report.write import write_report
 
@@ -38,6 +40,7 @@ class RunRequest:
     gpus_per_worker: float | None = None
     group_window: int = 256
     report: bool = True
+    eval: bool = False  # score each row in the worker (run --eval); the driver writes OUT/eval/
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -205,6 +208,10 @@ def execute(req: RunRequest, backend: Backend) -> int:
     # A shard every 1,000 rows or 2 minutes: few files, and a crash loses at most 2 minutes of records
     # (their images exist; the next run redoes those rows and rewrites the same bytes).
     writer = ResultWriter(req.out, run_id, shard_rows=1000, flush_seconds=120.0, extra_schema=manifest.extra_schema)
+    # Scores (run --eval) are flushed right after the records they belong to, never before: a crash then
+    # leaves at most records without scores (`pnp-batch eval` adds them), not scores of rows to be redone.
+    scores = ScoreWriter(req.out, run_id, shard_rows=10**9, flush_seconds=float("inf")) if req.eval else None
+    sample_scores: dict[str, dict[str, Any]] = {}
     status = "finished"
     if p.todo:
         progress = Progress(p.todo, f"pnp-batch {run_id}")
@@ -213,7 +220,16 @@ def execute(req: RunRequest, backend: Backend) -> int:
             for records in backend.map_groups(groups):
                 for rec in records:
                     rec["run_id"] = run_id
+                    score = rec.pop(SCORES_FIELD, None)
+                    if score is not None and scores is not None:
+                        scores.add(score)
+                        counts["scored"] = counts.get("scored", 0) + (score["status"] == "ok")
+                        if len(sample_scores) < 200:
+                            sample_scores[rec["id"]] = score
+                    shards = len(writer.files_written)
                     writer.add(rec)
+                    if scores is not None and len(writer.files_written) != shards:
+                        scores.flush()
                     counts[rec["status"]] = counts.get(rec["status"], 0) + 1
                     if rec["status"] == "failed":
                         log.warning("row %s failed: %s", rec["id"], rec["error"])
@@ -226,6 +242,8 @@ def execute(req: RunRequest, backend: Backend) -> int:
             raise
         finally:
             writer.close()
+            if scores is not None:
+                scores.close()
             progress.close()
             stats = backend.stats()
             backend.stop()
@@ -236,11 +254,15 @@ def execute(req: RunRequest, backend: Backend) -> int:
         log.info("nothing to do: every row is already done (use --overwrite to redo them)")
     if req.report and sample:
         try:
-            write_report(req.out, req.cfg, run_id, sample)
+            write_report(req.out, req.cfg, run_id, sample, scores=sample_scores)
         except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
             log.warning("could not write the contact sheet: %s", storage.redact(str(e)))
     failed = counts.get("failed", 0)
     log.info("run %s finished: %d ok, %d failed, %d done before", run_id, counts["ok"], failed, p.done_before)
+    if req.eval:
+        log.info("run %s: %d rows scored into %s", run_id, counts.get("scored", 0), storage.join(req.out, "eval"))
+        if p.done_before:
+            log.info("rows done before this run are scored by `pnp-batch eval %s`", req.out)
     if counts["companions"]:
         log.info("%d rows done before were translated again, not written, as companions of rows redone in their "
                  "groups (a row's bytes depend on the batch it shares)", counts["companions"])
