@@ -36,7 +36,8 @@ def _sources(folder: Path, n: int = 2) -> list[str]:
     names = []
     for i in range(n):
         small = rng.integers(0, 256, (6, 7 + i, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((72 + 16 * i, 64), Image.BILINEAR).save(folder / f"s{i}.png")
+        # 90x72 and 110x88: resized to 80x64 by the pipeline (resolution 64), so preprocessing matters
+        Image.fromarray(small).resize((90 + 20 * i, 72 + 16 * i), Image.BILINEAR).save(folder / f"s{i}.png")
         names.append(f"s{i}.png")
     return names
 

@@ -75,11 +75,13 @@ def test_latest_view_prefers_the_latest_ok_score_else_the_latest_failure(tmp_pat
     with ScoreWriter(str(tmp_path), "r2") as w:
         w.add(_score("a", clip=30.0, minutes=10))  # re-scored (--overwrite): the latest ok wins
         w.add(_score("b", status="failed", minutes=3, error="second failure"))
+        w.add(_score("c", status="failed", minutes=20))  # the latest record, but c has an ok score
     latest = {(r["id"], r["config_hash"]): r for r in read_scores(str(tmp_path)).to_pylist()}
     assert set(latest) == {("a", "h1"), ("b", "h1"), ("c", "h1"), ("c", "h2")}
     assert latest[("a", "h1")]["clip_score"] == 30.0
     assert latest[("b", "h1")]["status"] == "failed" and latest[("b", "h1")]["error"] == "second failure"
     assert latest[("c", "h2")]["clip_score"] == 2.0
+    assert latest[("c", "h1")]["status"] == "ok" and latest[("c", "h1")]["clip_score"] == 1.0
     assert scored_keys(str(tmp_path)) == {("a", "h1"), ("c", "h1"), ("c", "h2")}
     assert read_scores(str(tmp_path / "empty")).schema.equals(SCORE_SCHEMA)
 
