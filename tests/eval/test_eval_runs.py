@@ -138,7 +138,7 @@ def test_the_contact_sheet_shows_the_scores(evaluated):
 
 
 def test_unreadable_images_are_eval_failures_and_the_others_are_scored(evaluated, tmp_path):
-    folder, out = evaluated
+    _, out = evaluated
     copy = _copy_without_scores(out, tmp_path / "out")
     (copy / "images" / "s0-0.png").write_bytes(b"not a png")
     # the records name the original's images: point them at the copy's, and s1's rows at a missing source
@@ -197,8 +197,22 @@ def test_source_bytes_rows_are_scored_from_memory_by_run_eval_and_partially_by_e
     assert "image_bytes" in part["error"]
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for this module's Ray tests (the engines reuse an initialised Ray)."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.slow
-def test_eval_on_ray_data_equals_eval_here(evaluated, tmp_path):
+def test_eval_on_ray_data_equals_eval_here(evaluated, tmp_path, local_ray):
     _, out = evaluated
     copy = _copy_without_scores(out, tmp_path / "out")
     assert main(["eval", str(copy), "--engine", "ray", "--workers", "1"]) == 0
@@ -278,7 +292,8 @@ def test_eval_killed_midway_and_run_again_scores_every_row_exactly_once(tmp_path
 
 
 @pytest.mark.slow
-def test_run_eval_on_the_ray_engine_scores_in_the_actors_like_the_local_engine(evaluated, tmp_path, metric_models):
+def test_run_eval_on_the_ray_engine_scores_in_the_actors_like_the_local_engine(evaluated, tmp_path, metric_models,
+                                                                               local_ray):
     """The actors run torch with more threads than this test process, so their images can differ in the
     last bits (README): their scores are checked against the definitions on their own images."""
     folder, out = evaluated
