@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inversion calls run side by side on CUDA streams (pipeline key inversion_streams)")
     b.add_argument("--json", default=None, help="write the figures as JSON here")
     b.add_argument("--data", action="store_true", help="also run the data-plane benchmarks")
+    b.add_argument("--eval", action="store_true",
+                   help="also time scoring an output (eval_vs_translate; always on for full-size archs on a GPU; "
+                   "about two minutes on a CPU with full-size metric models)")
     return p
 
 
