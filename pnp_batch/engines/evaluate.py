@@ -68,15 +68,15 @@ def plan_eval(req: EvalRequest) -> EvalPlan:
     if req.limit is not None and req.limit < 0:
         raise UsageError("--limit must be >= 0")
     configs: dict[str, dict[str, Any]] = {}
+    newest: dict[str, Any] | None = None
     for summary in read_run_summaries(req.out):  # oldest first: the latest run's config wins
         cfg = summary.get("config")
         if isinstance(cfg, dict) and summary.get("config_hash"):
-            configs[str(summary["config_hash"])] = cfg
+            configs[str(summary["config_hash"])] = newest = cfg
     base = PipelineConfig()
-    if configs:  # the metric models the latest run names (the tiny preset names tiny-clip / tiny-dino)
-        latest = list(configs.values())[-1]
+    if newest is not None:  # the metric models the latest run names (the tiny preset names tiny-clip / tiny-dino)
         try:
-            base = config_from_dict(latest)
+            base = config_from_dict(newest)
         except Exception as e:  # noqa: BLE001 - an old or foreign summary: take the defaults
             log.debug("the latest run's config does not load (%s); using the default metric models", e)
     cfg = with_overrides(base, req.overrides, allowed=EVAL_SET_KEYS)
