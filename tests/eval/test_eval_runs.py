@@ -221,6 +221,10 @@ def test_eval_on_ray_data_equals_eval_here(evaluated, tmp_path, local_ray):
     for rid in want:
         for col in SCORE_COLS:
             assert got[rid][col] == pytest.approx(want[rid][col], rel=1e-5, abs=1e-6), (rid, col)
+    bad = _copy_without_scores(copy, tmp_path / "bad")
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", str(bad), "--engine", "ray", "--set", f"eval_dino_model={tmp_path / 'empty'}"]) == 2
+    assert not (bad / "eval").exists()  # checked on a Ray worker before the dataset starts
 
 
 # --- killed midway and run again -------------------------------------------------------------------
