@@ -118,6 +118,19 @@ def test_eval_after_run_gives_the_numbers_of_run_eval(evaluated, tmp_path):
     assert read_all_scores(str(copy)).num_rows == 4
 
 
+def test_run_eval_with_stored_features_prepares_the_source_itself(evaluated, tmp_path, metric_models):
+    """Features from the store: the source is not decoded for inversion, so the scorer prepares it."""
+    folder, out = evaluated
+    copy = _copy_without_scores(out, tmp_path / "out")
+    assert main(["run", str(folder / "m.parquet"), "--out", str(copy), *FAST, "--eval", "--overwrite",
+                 "--no-report"]) == 0
+    assert set(latest_results(str(copy), ["feature_cache_hit"]).column("feature_cache_hit").to_pylist()) == {True}
+    want, got = _by_id(out), _by_id(copy)
+    for rid in want:
+        for col in SCORE_COLS:
+            assert got[rid][col] == pytest.approx(want[rid][col], rel=1e-5, abs=1e-6), (rid, col)
+
+
 def test_status_prints_the_metric_statistics_per_setting(evaluated, capsys):
     _, out = evaluated
     assert main(["status", str(out)]) == 0
