@@ -107,7 +107,11 @@ def evaluate(req: EvalRequest) -> int:
         scores = RayScoring(req, p)
     else:
         scores = LocalScoring(req, p)
-    scores.start()  # loads the metric models: an unusable one stops here, before anything is written
+    try:
+        scores.start()  # loads the metric models: an unusable one stops here, before anything is written
+    except BaseException:
+        scores.stop()  # a Ray instance started here goes down with it
+        raise
     writer = ScoreWriter(req.out, run_id, shard_rows=SHARD_ROWS, flush_seconds=FLUSH_SECONDS)
     progress = Progress(p.todo.num_rows, f"pnp-batch eval {run_id}")
     counts = {"ok": 0, "failed": 0}
