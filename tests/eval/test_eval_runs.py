@@ -4,6 +4,7 @@ afterwards (local and Ray Data), resumable, failures as data, status and the con
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -75,6 +76,8 @@ def test_run_eval_scores_equal_the_metrics_on_the_written_images_and_prepared_so
     files = sorted(p.name for p in (out / "eval").iterdir())
     run_id = latest_results(str(out), ["run_id"]).column("run_id")[0].as_py()
     assert files == [f"{run_id}-00000.parquet"]  # the run's own id
+    summary = json.loads((out / "runs" / f"{run_id}.json").read_text())
+    assert summary["counts"]["scored"] == 4 and summary["config"]["eval_clip_model"] == "tiny-clip"
     assert pq.read_schema(out / "eval" / files[0]).equals(SCORE_SCHEMA, check_metadata=False)
     scores = _by_id(out)
     results = {r["id"]: r for r in latest_results(str(out)).to_pylist()}
