@@ -327,3 +327,16 @@ def test_run_eval_on_the_ray_engine_scores_in_the_actors_like_the_local_engine(e
     _assert_scores_are_the_definitions(folder, ray_out, metric_models)
     for rid in want:
         assert got[rid]["clip_score"] == pytest.approx(want[rid]["clip_score"], abs=0.1)  # nearly the same images
+
+
+def test_eval_of_an_output_on_s3(evaluated, s3_bucket):
+    """An output on an object store: eval reads its images and writes its score shards through io/storage."""
+    folder, out = evaluated
+    remote = f"{s3_bucket}/out"
+    assert main(["run", str(folder / "m.parquet"), "--out", remote, *FAST, "--no-report"]) == 0
+    assert main(["eval", remote]) == 0
+    got = {r["id"]: r for r in read_scores(remote).to_pylist()}
+    assert sorted(got) == sorted(_by_id(out)) and {r["status"] for r in got.values()} == {"ok"}
+    for rid, want in _by_id(out).items():  # the same images as the local run: the same scores
+        assert got[rid]["structure_dist"] == pytest.approx(want["structure_dist"], rel=1e-5, abs=1e-6)
+    assert main(["eval", remote]) == 0 and read_all_scores(remote).num_rows == 4  # nothing scored twice
