@@ -123,6 +123,31 @@ class Preprocessing:
         return cls(int(get("resolution")), str(get("resize_mode")), int(get("max_pixels", 64_000_000)))
 
 
+def prepare_source(data: bytes, prep: Preprocessing) -> Image | Exception:
+    """The source as the pipeline prepares it (decoded, resized), or the exception saying why it cannot be."""
+    try:
+        return resize_source(decode_image(data, prep.max_pixels), prep.resolution, prep.resize_mode)
+    except Exception as e:  # noqa: BLE001 - recorded in the rows' scores
+        return e
+
+
+def score_decoded(scorer: Scorer, ids: Sequence[str], prompts: Sequence[str], config_hash: str,
+                  images: Sequence[Any], source: Image | Exception | None) -> list[dict[str, Any]]:
+    """Score rows of one group from their decoded HxWx3 uint8 images in memory and their shared
+    prepared source (an exception: the rows' scores fail with its reason) - run --eval's path."""
+    from PIL import Image as PILImage
+
+    items = []
+    for rid, prompt, img in zip(ids, prompts, images):
+        item = ScoreItem(id=rid, config_hash=config_hash, target_prompt=prompt, output=PILImage.fromarray(img, "RGB"))
+        if isinstance(source, Exception):
+            item.error = f"source image cannot be prepared for scoring: {_reason(source)}"
+        else:
+            item.source = source
+        items.append(item)
+    return scorer.score(items)
+
+
 def read_item(row: dict[str, Any], prep: Preprocessing | None, sources: dict[tuple, Image | Exception]) -> ScoreItem:
     """A ScoreItem for a result record (`id`, `config_hash`, `target_prompt`, `output`, `image`), its
     output and source read through storage; `sources` caches prepared sources by (URI, preprocessing): rows share them.

@@ -436,32 +436,19 @@ class Translator:
         return out
 
     def _eval_source(self, decoded: dict[int, Any], idx: int, data: bytes) -> Any:
-        """The preprocessed source for scoring: as inverted here, or decoded now when its features came
+        """The preprocessed source for scoring: as inverted here, or prepared now when its features came
         from the store (an exception, if it cannot be: its rows' scores fail with the reason)."""
-        if idx in decoded:
-            return decoded[idx]
-        try:
-            return resize_source(decode_image(data, self.cfg.max_pixels), self.cfg.resolution, self.cfg.resize_mode)
-        except Exception as e:  # noqa: BLE001 - recorded in the rows' scores
-            return e
+        from pnp_batch.eval.score import Preprocessing, prepare_source
+
+        return decoded[idx] if idx in decoded else prepare_source(data, Preprocessing.of(self.cfg))
 
     def _scores(self, rows: list[Row], images: np.ndarray, source: Any) -> list[dict[str, Any] | None]:
         """Score records of the rows to do (None for companions), from the images in memory."""
-        from PIL import Image
-
-        from pnp_batch.eval.score import ScoreItem
+        from pnp_batch.eval.score import score_decoded
 
         todo = [(r, img) for r, img in zip(rows, images) if not r.companion]
-        items = []
-        for r, img in todo:
-            item = ScoreItem(id=r.id, config_hash=self.cfg.hash(), target_prompt=r.target_prompt,
-                             output=Image.fromarray(img, "RGB"))
-            if isinstance(source, Exception):
-                item.error = f"source image cannot be prepared for scoring: {_row_message(source, r)}"
-            else:
-                item.source = source
-            items.append(item)
-        scored = iter(self.scorer.score(items))
+        scored = iter(score_decoded(self.scorer, [r.id for r, _ in todo], [r.target_prompt for r, _ in todo],
+                                    self.cfg.hash(), [img for _, img in todo], source))
         return [None if r.companion else next(scored) for r in rows]
 
     def _source_failed(self, rows: list[Row], e: Exception, attempt: int) -> list[dict[str, Any]]:
