@@ -20,6 +20,9 @@ failed (each recorded with its reason), or it stopped because the output store w
 is written); 3 the run was stopped by its infrastructure (Ray cluster or node lost, no worker within
 --worker-timeout): nothing is wrong with the rows; 130 / 143 stopped by SIGINT / SIGTERM (re-run the
 same command to finish the rest)."""
+EVAL_EPILOG = """exit status: 0 every ok row scored (now or earlier); 1 some rows could not be scored (each recorded
+in OUT/eval/ with its reason); 2 the request is unusable (no results in OUT, a metric model that cannot be
+loaded, a bad --set): nothing is written."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="redo rows already done")
     r.add_argument("--dry-run", action="store_true", help="validate and plan; load no model")
     r.add_argument("--no-report", action="store_true", help="skip the contact sheet")
+    r.add_argument("--eval", action="store_true",
+                   help="score each row in the worker right after decoding (CLIP score, structure distance) "
+                   "into OUT/eval/; the metric models are the keys eval_clip_model / eval_dino_model")
     r.add_argument("--fallback-pipeline", default=None, metavar="NAME",
                    help="if the pipeline's model cannot be loaded here (no weights, no hub), say so and run this "
                    "pipeline instead (the README's demo uses 'tiny')")
@@ -70,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--outage-timeout", type=float, default=None, metavar="SECONDS",
                    help="how long the run pauses while the output store is unreachable before it stops "
                    "(exit 1, rows in flight left pending); default 600, 0 = do not wait")
+
+    e = sub.add_parser("eval", help="score the ok rows of an output not scored yet (CLIP score, structure "
+                       "distance) into OUT/eval/", epilog=EVAL_EPILOG)
+    e.add_argument("out", help="an output of pnp-batch run (folder or object-store prefix)")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="eval_clip_model, eval_clip_revision, eval_dino_model, eval_dino_revision, device, dtype "
+                   "(default: the latest run's)")
+    e.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (this process) or ray (Ray Data, an actor pool holding the metric models)")
+    e.add_argument("--ray-address", default=None, help="Ray cluster to join ('auto' = running cluster)")
+    e.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, or CPUs/2)")
+    e.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per Ray actor (default 1 with GPUs)")
+    e.add_argument("--limit", type=int, default=None, help="score at most N rows")
+    e.add_argument("--overwrite", action="store_true", help="score rows again that already have a score")
+    e.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
 
     v = sub.add_parser("validate", help="check a manifest without loading a model")
     v.add_argument("manifest")
@@ -106,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inversion calls run side by side on CUDA streams (pipeline key inversion_streams)")
     b.add_argument("--json", default=None, help="write the figures as JSON here")
     b.add_argument("--data", action="store_true", help="also run the data-plane benchmarks")
+    b.add_argument("--eval", action="store_true",
+                   help="also time scoring an output (eval_vs_translate; always on for full-size archs on a GPU; "
+                   "about two minutes on a CPU with full-size metric models)")
     return p
 
 
@@ -168,7 +192,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     req = RunRequest(
         manifest=a.manifest, out=a.out, cfg=cfg, features=a.features, limit=a.limit, overwrite=a.overwrite,
         dry_run=a.dry_run, engine=a.engine, ray_address=a.ray_address, workers=a.workers,
-        gpus_per_worker=a.gpus_per_worker, report=not a.no_report, storage_options=opts,
+        gpus_per_worker=a.gpus_per_worker, report=not a.no_report, storage_options=opts, eval=a.eval,
         wait_for_lease=a.wait_for_lease, outage_timeout=a.outage_timeout,
     )
     if a.lease_ttl is not None:
@@ -197,6 +221,18 @@ def cmd_run(a: argparse.Namespace) -> int:
     return execute(req, backend)
 
 
+def cmd_eval(a: argparse.Namespace) -> int:
+    from pnp_batch.engines.evaluate import EvalRequest, evaluate
+
+    if a.workers is not None and a.workers < 1:
+        raise UsageError("--workers must be >= 1")
+    opts = _storage(a.storage_option)
+    return evaluate(EvalRequest(
+        out=a.out, overrides=a.overrides, engine=a.engine, ray_address=a.ray_address, workers=a.workers,
+        gpus_per_worker=a.gpus_per_worker, limit=a.limit, overwrite=a.overwrite, storage_options=opts,
+    ))
+
+
 def cmd_validate(a: argparse.Namespace) -> int:
     from pnp_batch.io.validate import validate_manifest
 
@@ -210,8 +246,11 @@ def cmd_status(a: argparse.Namespace) -> int:
     from pnp_batch.io.results import status_report
 
     _storage(a.storage_option)
+    from pnp_batch.io.metrics import format_score_stats, score_stats
+
     print(status_report(a.out).format())
     print(_lease_line(a.out))
+    print(format_score_stats(score_stats(a.out)))
     return 0
 
 
@@ -248,6 +287,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 VERBS = {
     "run": cmd_run,
+    "eval": cmd_eval,
     "validate": cmd_validate,
     "status": cmd_status,
     "make-test-model": cmd_make_test_model,

@@ -27,6 +27,10 @@ QUANTIZE = ("round", "floor")
 INVERSION_KEYS = ("resolution", "resize_mode", "inversion_steps", "inversion_prompt", "steps")
 # Keys a manifest row may override for that row alone.
 ROW_OVERRIDES = ("negative_prompt", "seed", "guidance_scale", "pnp_f_t", "pnp_attn_t")
+# Keys of the metric models (pnp-batch eval, run --eval): not in the config hash.
+EVAL_KEYS = ("eval_clip_model", "eval_clip_revision", "eval_dino_model", "eval_dino_revision")
+# Keys whose --set values are taken as written (not parsed as YAML).
+_LITERAL_KEYS = ("model", "model_config", "revision", "inversion_prompt", "negative_prompt", "name", *EVAL_KEYS)
 
 
 class ConfigError(UsageError, ValueError):
@@ -66,6 +70,12 @@ class PipelineConfig:
     cudnn_benchmark: bool = False
     model_config: str = "auto"
     lora: tuple[str, ...] = ()
+    # Metric models of `pnp-batch eval` and `run --eval` (hub id, local folder, or tiny-clip/tiny-dino);
+    # they score images, they do not change them, so they stay out of the config hash.
+    eval_clip_model: str = "openai/clip-vit-large-patch14"
+    eval_clip_revision: str = ""
+    eval_dino_model: str = "facebook/dino-vitb8"
+    eval_dino_revision: str = ""
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -78,7 +88,7 @@ class PipelineConfig:
         """A short stable hash of every setting that changes the output image."""
         d = self.to_dict()
         for k in ("name", "device", "batch_size", "inversion_batch", "inversion_streams", "compile", "channels_last",
-                  "cuda_graphs", "cudnn_benchmark", "max_pixels"):
+                  "cuda_graphs", "cudnn_benchmark", "max_pixels", *EVAL_KEYS):
             d.pop(k, None)
         # Keys added later count only when set, so configs that do not use them keep their hash.
         if d.get("model_config") == "auto":
@@ -195,6 +205,9 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError("compile and cuda_graphs are alternatives: set one of them")
     if not isinstance(cfg.max_pixels, int) or cfg.max_pixels < 1:
         raise ConfigError(f"max_pixels={cfg.max_pixels!r} must be a positive whole number")
+    for key in ("eval_clip_model", "eval_dino_model"):
+        if not isinstance(getattr(cfg, key), str) or not getattr(cfg, key):
+            raise ConfigError(f"{key} must name a hub id, a local folder, or tiny-clip / tiny-dino")
     if not isinstance(cfg.seed, int):
         raise ConfigError(f"seed={cfg.seed!r} must be a whole number")
     if not isinstance(cfg.model_config, str) or not cfg.model_config:
@@ -218,8 +231,7 @@ def _coerce(key: str, value: Any) -> Any:
     """Turn a YAML/--set value into the field's type; strings from --set are parsed as YAML."""
     if key not in _FIELDS:
         raise ConfigError(f"unknown pipeline key {key!r}; known keys: {', '.join(sorted(_FIELDS))}")
-    if isinstance(value, str) and key not in ("model", "model_config", "revision", "inversion_prompt", "negative_prompt",
-                                              "name"):
+    if isinstance(value, str) and key not in _LITERAL_KEYS:
         try:
             value = yaml.safe_load(value) if value != "" else value
         except yaml.YAMLError:
@@ -227,7 +239,7 @@ def _coerce(key: str, value: Any) -> Any:
     typ = _FIELDS[key].type
     if key == "lora":
         return _coerce_lora(value)
-    if value is None and key in ("inversion_prompt", "negative_prompt"):
+    if value is None and key in ("inversion_prompt", "negative_prompt", "eval_clip_revision", "eval_dino_revision"):
         value = ""
     try:
         if typ == "int" and isinstance(value, float) and value.is_integer():
@@ -296,3 +308,24 @@ def load_config(pipeline: str = "sd21-base", overrides: list[str] | dict[str, An
         return PipelineConfig(**values)
     except TypeError as e:
         raise ConfigError(str(e)) from e
+
+
+def with_overrides(cfg: PipelineConfig, overrides: list[str], allowed: tuple[str, ...] | None = None) -> PipelineConfig:
+    """`cfg` with KEY=VALUE overrides applied (as `--set` does); `allowed` limits the keys a command takes."""
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must be KEY=VALUE")
+        k, v = (x.strip() for x in item.split("=", 1))
+        if allowed is not None and k in _FIELDS and k not in allowed:
+            raise ConfigError(f"--set {k}: this command takes only {', '.join(allowed)}")
+        changes[k] = _coerce(k, v)
+    try:
+        return cfg.replace(**changes)
+    except TypeError as e:
+        raise ConfigError(str(e)) from e
+
+
+def config_from_dict(values: dict[str, Any]) -> PipelineConfig:
+    """A config from a run summary's resolved `config` (keys this version does not know are dropped)."""
+    return PipelineConfig(**{k: v for k, v in values.items() if k in _FIELDS})

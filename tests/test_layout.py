@@ -16,7 +16,7 @@ ALLOWED = {
     "io": {ROOT},
     "models": {ROOT},
     "pnp": {ROOT},
-    "translate": {ROOT, "io", "models", "pnp"},
+    "translate": {ROOT, "io", "models", "pnp", "eval"},  # run --eval: the worker scores its rows
     "eval": {ROOT, "io", "models"},
     "report": {ROOT, "io"},
     "engines": {ROOT, "io", "models", "translate", "eval", "report"},

@@ -7,7 +7,9 @@ from typing import Any
 FULL_SIZE = ("sd21-base", "sd15")
 SPEC_STEPS = 50
 SPEC_REFERENCE_STEPS = 999
-TARGETS = {"default_vs_reference_k1": 8.0, "default_vs_reference_k4": 4.0, "injection_overhead": 0.05}
+TARGETS = {"default_vs_reference_k1": 8.0, "default_vs_reference_k4": 4.0, "injection_overhead": 0.05,
+           "eval_vs_translate": 0.05}
+EVAL_RESOLUTION = 512  # eval_vs_translate is judged against a translation at this size
 
 from pnp_batch.bench.measure import PathStats
 
@@ -94,10 +96,26 @@ def judge(fig: dict[str, Any], s: dict[str, Any], arch: str) -> list[str]:
     if ov is not None:
         ok = "PASS" if ov <= TARGETS["injection_overhead"] else "FAIL"
         lines.append(f"  {ok} injection_overhead = {ov * 100:.1f}% <= 5% (measured, K={fig['images_per_minute_k']}){note}")
+    lines += _judge_eval(fig, s, note)
     warm_inv = [fig["k"][k]["warm"]["inversion_unet_calls"] for k in fig["k"]]
     ok = "PASS" if all(v == 0 for v in warm_inv) else "FAIL"
     lines.append(f"  {ok} warm run inversion UNet calls = {max(warm_inv)} (target 0, counted)")
     return lines
+
+
+def _judge_eval(fig: dict[str, Any], s: dict[str, Any], note: str) -> list[str]:
+    """eval_vs_translate <= 5%: judged when the translation ran at 512 px (scoring costs the same at any
+    output size; a smaller translation is cheaper, so the ratio there overstates the cost)."""
+    ev = fig["ratios"].get("eval_vs_translate")
+    if ev is None:
+        return ["  eval_vs_translate <= 5%: not run (--eval; always on for full-size archs on a GPU)"]
+    what = f"eval_vs_translate = {ev * 100:.1f}% <= 5%"
+    if s["resolution"] != EVAL_RESOLUTION:
+        return [(f"  (informational) {what}: translation timed at {s['resolution']} px, not {EVAL_RESOLUTION}; "
+                 f"a {EVAL_RESOLUTION} px translation costs more, so the ratio there is lower{note}")]
+    ok = "PASS" if ev <= TARGETS["eval_vs_translate"] else "FAIL"
+    return [(f"  {ok} {what} (measured: scoring one {EVAL_RESOLUTION}x{EVAL_RESOLUTION} output vs translating "
+             f"it at 50 steps){note}")]
 
 
 def format_table(out: dict[str, Any]) -> str:
@@ -143,6 +161,13 @@ def format_table(out: dict[str, Any]) -> str:
             f"{_pct(pk['injection_overhead'])} (sampling phase vs floor); warm vs cold {_x(pk['warm_vs_cold'])}"
         )
     lines.append(f"  images per minute (default, K={out['images_per_minute_k']}): {out['images_per_minute']:.2f}")
+    ev = out.get("eval")
+    if ev:
+        lines.append(
+            f"  eval vs translate: {_pct(r.get('eval_vs_translate'))}: scoring {ev['seconds_per_output']:.3f} s per "
+            f"output (median of {ev['repeats']}, {ev['outputs_per_call']} per call; {ev['clip_model']} + "
+            f"{ev['dino_model']}) vs translating {ev['translate_seconds_per_image']:.3f} s per image"
+        )
     lines += ["", "  targets:", *out["targets"]]
     return "\n".join(lines)
 

@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from pnp_batch.bench.eval_cost import eval_ratio, measure_eval
+from pnp_batch.bench.eval_cost import wanted as eval_wanted
 from pnp_batch.bench.figures import compute_figures, format_table, judge
 from pnp_batch.bench.measure import PeakMemory, dynamo_stats, graph_use
 from pnp_batch.bench.paths import Bench, fresh_store, run_all
@@ -39,11 +41,18 @@ def run_bench(args) -> int:
                   f"{compile_stats['graphs_after_warmup']} graphs, {compile_stats['graph_breaks']} graph breaks",
                   flush=True)
         results = run_all(b, s["k"])
+        eval_cost = None
+        if eval_wanted(args, b.device):
+            print("bench: eval_vs_translate: scoring outputs with the metric models", flush=True)
+            eval_cost = measure_eval(args.arch, b.device, b.models.dtype, max(s["k"]), b.prompts)
         if compile_stats is not None:
             # graphs compiled inside the timed pass (a shape or state the warm-up did not see) count in its times
             compile_stats["graphs_compiled_while_timed"] = dynamo_stats()[0] - compile_stats["graphs_after_warmup"]
         mem_kind = PeakMemory(b.device).kind
     fig = compute_figures(results, s)
+    if eval_cost is not None:
+        fig["ratios"]["eval_vs_translate"], eval_cost["translate_seconds_per_image"] = eval_ratio(fig, eval_cost)
+        fig["eval"] = eval_cost
     out = {
         "config": {
             "arch": args.arch,

@@ -23,6 +23,8 @@ from pnp_batch.io import retry, storage
 from pnp_batch.io.done_index import DoneIndex
 from pnp_batch.io.lease import DEFAULT_TTL, Lease, LeaseHeld
 from pnp_batch.io.manifest import Manifest, Row, group_rows, open_manifest
+from pnp_batch.io.metrics import ScoreWriter
+from pnp_batch.io.records import SCORES_FIELD
 from pnp_batch.io.results import ResultWriter, done_index, make_run_id, write_run_summary
 from pnp_batch.report.write import write_report
 
@@ -46,6 +48,7 @@ class RunRequest:
     gpus_per_worker: float | None = None
     group_window: int = 256
     report: bool = True
+    eval: bool = False  # score each row in the worker (run --eval); the driver writes OUT/eval/
     storage_options: dict[str, Any] = field(default_factory=dict)
     grace_seconds: float = DEFAULT_GRACE  # in-flight work's time after SIGTERM/SIGINT
     wait_for_lease: float | None = None  # seconds to wait for another run's lease (math.inf: no limit)
@@ -333,6 +336,10 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
     # A shard every 1,000 rows or 2 minutes: few files, and a crash loses at most 2 minutes of records
     # (their images exist; the next run redoes those rows and rewrites the same bytes).
     writer = ResultWriter(req.out, run_id, shard_rows=1000, flush_seconds=120.0, extra_schema=manifest.extra_schema)
+    # Scores (run --eval) are flushed right after the records they belong to, never before: a crash then
+    # leaves at most records without scores (`pnp-batch eval` adds them), not scores of rows to be redone.
+    scores = ScoreWriter(req.out, run_id, shard_rows=10**9, flush_seconds=float("inf")) if req.eval else None
+    sample_scores: dict[str, dict[str, Any]] = {}
     status = "finished"
     stats: dict[str, Any] = {}
     lost: ClusterLost | None = None
@@ -342,7 +349,7 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
         try:
             groups = _until_stopped(work_groups(manifest, done, req, counts), stop)
             for records in (backend.map_groups(groups) if not stop.requested else ()):
-                _record(records, run_id, writer, counts, sample, stop, progress)
+                _record(records, run_id, writer, counts, sample, stop, progress, scores, sample_scores)
         except GraceExpired as e:
             log.warning("%s: the rows still in flight stay pending", e)
             _give_up_in_flight(backend)
@@ -359,6 +366,8 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
             stop.disarm()
             status = _status(stop, status)
             _close(writer, "write the last results shard")
+            if scores is not None:
+                _close(scores, "write the last scores shard")
             progress.close()
             stats = _call(backend.stats, "collect the engine's statistics") or {}
             _call(backend.stop, "stop the engine")
@@ -371,7 +380,7 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
         log.info("nothing to do: every row is already done (use --overwrite to redo them)")
     if req.report and sample and status != "outage":
         try:
-            write_report(req.out, req.cfg, run_id, sample)
+            write_report(req.out, req.cfg, run_id, sample, scores=sample_scores)
         except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
             log.warning("could not write the contact sheet: %s", storage.redact(str(e)))
     failed = counts.get("failed", 0)
@@ -382,6 +391,10 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
                     "the rest", run_id, status, counts["ok"], failed, counts["left_pending"])
         return stop.exit_status
     log.info("run %s finished: %d ok, %d failed, %d done before", run_id, counts["ok"], failed, p.done_before)
+    if req.eval:
+        log.info("run %s: %d rows scored into %s", run_id, counts.get("scored", 0), storage.join(req.out, "eval"))
+        if p.done_before:
+            log.info("rows done before this run are scored by `pnp-batch eval %s`", req.out)
     if counts["companions"]:
         log.info("%d rows done before were translated again, not written, as companions of rows redone in their "
                  "groups (a row's bytes depend on the batch it shares)", counts["companions"])
@@ -397,16 +410,27 @@ def _until_stopped(groups: Iterator[list[Row]], stop: StopRequest) -> Iterator[l
 
 
 def _record(records: list[dict[str, Any]], run_id: str, writer: ResultWriter, counts: dict[str, int],
-            sample: list[dict[str, Any]], stop: StopRequest, progress: Progress) -> None:
-    """Write one window's records. A row that failed because the store was unreachable past the outage limit
-    is not recorded (it stays pending, the run stops); once the run gave up on the store, neither is any
-    other failed row (its failure may be the outage's)."""
+            sample: list[dict[str, Any]], stop: StopRequest, progress: Progress, scores: ScoreWriter | None,
+            sample_scores: dict[str, dict[str, Any]]) -> None:
+    """Write one window's records (and with --eval their scores, flushed with the records' shard). A row that
+    failed because the store was unreachable past the outage limit is not recorded (it stays pending, the
+    run stops); once the run gave up on the store, neither is any other failed row (its failure may be the
+    outage's)."""
     ok = failed = 0
     for rec in records:
+        score = rec.pop(SCORES_FIELD, None)
         if rec["status"] == "failed" and _outage_failure(rec, stop):
             continue
         rec["run_id"] = run_id
+        if score is not None and scores is not None:
+            scores.add(score)
+            counts["scored"] = counts.get("scored", 0) + (score["status"] == "ok")
+            if len(sample_scores) < 200:
+                sample_scores[rec["id"]] = score
+        shards = len(writer.files_written)
         writer.add(rec)
+        if scores is not None and len(writer.files_written) != shards:
+            scores.flush()
         counts[rec["status"]] = counts.get(rec["status"], 0) + 1
         if rec["status"] == "failed":
             failed += 1
@@ -489,6 +513,7 @@ def _summary(req: RunRequest, manifest_uri: str, run_id: str, started: datetime,
             "failed": counts.get("failed", 0),
             "companions": counts.get("companions", 0),
             "left_pending": counts.get("left_pending", 0),
+            **({"scored": counts.get("scored", 0)} if req.eval else {}),
         },
         "started_at": started.isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),

@@ -2,7 +2,8 @@
 
 Each score depends only on its own row (output image, prompt, source image), so scoring parallelises
 like translation and can run beside it or afterwards. `load_metric_models` loads the models once per
-worker; `clip_score` and `structure_dist` score a batch of rows on them. Names are imported lazily,
+worker; `clip_score` and `structure_dist` score a batch of rows on them; `Scorer` (score.py) turns
+rows into the score records the drivers write (run --eval, pnp-batch eval). Names are imported lazily,
 so `import pnp_batch.eval` does not load torch or transformers.
 """
 
@@ -21,6 +22,9 @@ _EXPORTS = {
     "DEFAULT_DINO_MODEL": "pnp_batch.eval.models",
     "TINY_CLIP": "pnp_batch.eval.tiny",
     "TINY_DINO": "pnp_batch.eval.tiny",
+    "Scorer": "pnp_batch.eval.score",
+    "ScoreItem": "pnp_batch.eval.score",
+    "load_scorer": "pnp_batch.eval.score",
 }
 
 __all__ = [
@@ -29,8 +33,11 @@ __all__ = [
     "TINY_CLIP",
     "TINY_DINO",
     "MetricModels",
+    "ScoreItem",
+    "Scorer",
     "clip_score",
     "load_metric_models",
+    "load_scorer",
     "structure_dist",
     "structure_size",
 ]

@@ -9,6 +9,10 @@ from typing import Any
 from pnp_batch.config import PipelineConfig
 from pnp_batch.io.rows import Row
 
+# The key under which a worker's record carries the row's score record (run --eval) to the driver,
+# which takes it out and writes it to OUT/eval/ (io/metrics); it is never a result column.
+SCORES_FIELD = "_scores"
+
 
 def row_record(row: Row, cfg: PipelineConfig, status: str, model: str, worker: str, attempt: int,
                **fields: Any) -> dict[str, Any]:

@@ -104,8 +104,11 @@ class ResultWriter:
     passed since the last write (checked on :meth:`add` and :meth:`maybe_flush`), and on
     :meth:`flush` / :meth:`close`. Pass-through columns take their types from ``extra_schema``
     (e.g. ``Manifest.extra_schema``) when given, so every shard of a run has the same schema.
-    Thread-safe.
+    Thread-safe. Subclasses write other tables the same way (``folder``, ``_prepare``, ``_table``:
+    io/metrics.ScoreWriter).
     """
+
+    folder = "results"
 
     def __init__(
         self,
@@ -137,20 +140,24 @@ class ResultWriter:
         """Buffer one record (missing columns become null; ``finished_at`` defaults to now)."""
         with self._lock:
             if self._closed:
-                raise RuntimeError("ResultWriter is closed")
-            rec = dict(record)
-            rec.setdefault("run_id", self.run_id)
-            if rec.get("finished_at") is None:
-                rec["finished_at"] = utcnow()
-            if rec.get("status") not in STATUSES:
-                raise ValueError(f"status must be one of {STATUSES}, got {rec.get('status')!r}")
-            if rec.get("error") is not None:
-                rec["error"] = storage.redact(str(rec["error"]))
-            self._buffer.append(rec)
+                raise RuntimeError(f"{type(self).__name__} is closed")
+            self._buffer.append(self._prepare(record))
             if len(self._buffer) >= self.shard_rows:
                 self.flush()
             else:
                 self.maybe_flush()
+
+    def _prepare(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record as buffered: defaults filled, status checked, error redacted."""
+        rec = dict(record)
+        rec.setdefault("run_id", self.run_id)
+        if rec.get("finished_at") is None:
+            rec["finished_at"] = utcnow()
+        if rec.get("status") not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {rec.get('status')!r}")
+        if rec.get("error") is not None:
+            rec["error"] = storage.redact(str(rec["error"]))
+        return rec
 
     def maybe_flush(self) -> None:
         """Flush if ``flush_seconds`` have passed since the last write."""
@@ -209,7 +216,7 @@ class ResultWriter:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         name = f"{self.run_id}-{self._seq:05d}.parquet"
-        uri = storage.join(results_dir(self.out_uri), name)
+        uri = storage.join(self.out_uri, self.folder, name)
         storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
         self._seq += 1
         self.rows_written += len(records)

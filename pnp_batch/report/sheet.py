@@ -33,12 +33,14 @@ class SheetEntry:
     """One row of the sheet: a source image and its results, in target-prompt order.
 
     Each result is (image, label); image None marks a failed row, whose label should carry the
-    prompt and the error.
+    prompt and the error. `notes`, when given, holds one line per result (or None) drawn under its
+    caption in a muted colour: the row's metric scores (run --eval).
     """
 
     source: Image.Image
     source_label: str
     results: list[tuple[Image.Image | None, str]] = field(default_factory=list)
+    notes: list[str | None] = field(default_factory=list)
 
 
 def _font(size: int) -> Font:
@@ -147,15 +149,18 @@ def build_contact_sheet(
     header_h += len(settings_lines) * _line_height(settings_font) + PAD
 
     # Caption lines per row: the tallest caption of that row sets the row's height.
-    rows: list[list[tuple[Image.Image | None, list[str], bool]]] = []
+    rows: list[list[tuple[Image.Image | None, list[str], bool, list[str]]]] = []
     for entry in entries:
-        cells: list[tuple[Image.Image | None, list[str], bool]] = [
-            (entry.source, _wrap(entry.source_label, caption_font, thumb, MAX_CAPTION_LINES), False)
+        cells: list[tuple[Image.Image | None, list[str], bool, list[str]]] = [
+            (entry.source, _wrap(entry.source_label, caption_font, thumb, MAX_CAPTION_LINES), False, [])
         ]
-        for img, label in entry.results:
-            cells.append((img, _wrap(label, caption_font, thumb, MAX_CAPTION_LINES), img is None))
+        for j, (img, label) in enumerate(entry.results):
+            note = entry.notes[j] if j < len(entry.notes) else None
+            note_lines = _wrap(note, caption_font, thumb, 2) if note else []
+            cells.append((img, _wrap(label, caption_font, thumb, MAX_CAPTION_LINES), img is None, note_lines))
         rows.append(cells)
-    row_heights = [thumb + CAPTION_GAP + max(len(c[1]) for c in cells) * caption_lh + PAD for cells in rows]
+    row_heights = [thumb + CAPTION_GAP + max(len(c[1]) + len(c[3]) for c in cells) * caption_lh + PAD
+                   for cells in rows]
 
     sheet = Image.new("RGB", (width, header_h + sum(row_heights)), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
@@ -172,13 +177,16 @@ def build_contact_sheet(
 
     y = header_h
     for cells, row_h in zip(rows, row_heights):
-        for col, (img, lines, failed) in enumerate(cells):
+        for col, (img, lines, failed, note_lines) in enumerate(cells):
             x = PAD + col * (thumb + PAD)
             tile = _failed_tile(thumb, failed_font) if img is None else _thumbnail(img, thumb)
             sheet.paste(tile, (x + (thumb - tile.width) // 2, y + (thumb - tile.height) // 2))
             ty = y + thumb + CAPTION_GAP
             for line in lines:
                 draw.text((x, ty), line, font=caption_font, fill=ERROR_TEXT if failed else TEXT)
+                ty += caption_lh
+            for line in note_lines:
+                draw.text((x, ty), line, font=caption_font, fill=MUTED)
                 ty += caption_lh
         y += row_h
     return sheet
@@ -248,7 +256,7 @@ def build_html(
             f'alt="{esc(source_label)}" loading="lazy"></a><figcaption>{esc(source_label)}</figcaption></figure>'
         )
         for href, label, status in results:
-            failed = href is None or status.strip().lower() != "ok"
+            failed = href is None or not status.strip().lower().startswith("ok")
             cls = "result failed" if failed else "result"
             if href is None:
                 tile = '<div class="failed-tile">failed</div>'

@@ -25,8 +25,25 @@ def _thumb(img: Image.Image) -> Image.Image:
     return img
 
 
-def write_report(out: str, cfg: PipelineConfig, run_id: str, records: list[dict[str, Any]]) -> str:
-    """OUT/report/{run_id}.png and .html: each source, then each of its targets' results."""
+def score_line(score: dict[str, Any] | None) -> str | None:
+    """The scores shown under an output: CLIP score, its gain over the source, structure distance."""
+    if not score:
+        return None
+    if score.get("status") != "ok":
+        return f"not scored: {score.get('error')}"
+    parts = [f"CLIP {score['clip_score']:.1f}"]
+    if score.get("clip_score_source") is not None:
+        parts.append(f"({score['clip_score'] - score['clip_score_source']:+.1f} vs source)")
+    if score.get("structure_dist") is not None:
+        parts.append(f"structure {score['structure_dist']:.4f}")
+    return " ".join(parts)
+
+
+def write_report(out: str, cfg: PipelineConfig, run_id: str, records: list[dict[str, Any]],
+                 scores: dict[str, dict[str, Any]] | None = None) -> str:
+    """OUT/report/{run_id}.png and .html: each source, then each of its targets' results (with their
+    scores under them when `scores`, id -> score record, has them)."""
+    scores = scores or {}
     by_source: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_source.setdefault(str(r.get("image")), []).append(r)
@@ -55,20 +72,24 @@ def write_report(out: str, cfg: PipelineConfig, run_id: str, records: list[dict[
         buf = io.BytesIO()
         source.save(buf, format="JPEG", quality=90)
         storage.write_bytes_atomic(storage.join(report_dir, src_name), buf.getvalue())
-        results, html_results = [], []
+        results, html_results, notes = [], [], []
         for r in recs:
             label = r.get("target_prompt") or ""
+            note = score_line(scores.get(r["id"])) if r["status"] == "ok" else None
+            notes.append(note)
             if r["status"] == "ok":
                 try:
                     img = _thumb(Image.open(io.BytesIO(storage.read_bytes(r["output"]))).convert("RGB"))
                 except Exception:  # noqa: BLE001
                     img = None
                 results.append((img, label))
-                html_results.append((f"../images/{storage.basename(r['output'])}", label, "ok"))
+                html_results.append((f"../images/{storage.basename(r['output'])}", label,
+                                     "ok" + (f" · {note}" if note else "")))
             else:
                 results.append((None, f"{label} [{r.get('error')}]"))
                 html_results.append((None, label, f"failed: {r.get('error')}"))
-        entries.append(SheetEntry(source=source, source_label=recs[0].get("source_prompt") or src, results=results))
+        entries.append(SheetEntry(source=source, source_label=recs[0].get("source_prompt") or src, results=results,
+                                  notes=notes))
         html_entries.append((src_name, recs[0].get("source_prompt") or src, html_results))
     line = ", ".join(f"{k} {v}" for k, v in settings.items() if k != "model")
     title = f"pnp-batch run {run_id}"

@@ -20,7 +20,7 @@ from pnp_batch.errors import RowError
 from pnp_batch.io import storage
 from pnp_batch.io.features import MISSING, FeatureStore, feature_key
 from pnp_batch.io.images import decode_image, encode_image, resize_source
-from pnp_batch.io.records import resolve, row_record
+from pnp_batch.io.records import SCORES_FIELD, resolve, row_record
 from pnp_batch.io.rows import Row
 from pnp_batch.models.load import Models, load_models
 from pnp_batch.models.tiny import TEST_MODEL_NOTE
@@ -57,12 +57,20 @@ class Translator:
         features_uri: str | None = None,
         worker: str | None = None,
         models: Models | None = None,
+        evaluate: bool = False,
     ) -> None:
         self.cfg = cfg
         self.out = out_uri
         self.features = FeatureStore(features_uri or storage.join(out_uri, "features"))
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
         self.models = models or load_models(cfg)
+        # run --eval: the metric models load once here too, on the same device; each row is scored from
+        # its decoded image in memory and its source as preprocessed (see _scores)
+        self.scorer = None
+        if evaluate:
+            from pnp_batch.eval.score import load_scorer
+
+            self.scorer = load_scorer(cfg, device=str(self.models.device))
         self.injector = PnPInjector(self.models.unet)
         self.counters = Counters()
         self.timesteps = generation_timesteps(cfg.steps)
@@ -186,7 +194,7 @@ class Translator:
         return key
 
     def source_features_many(
-        self, sources: list[tuple[bytes, str]]
+        self, sources: list[tuple[bytes, str]], prepared: dict[int, Any] | None = None
     ) -> list[tuple[torch.Tensor, str, bool, float] | Exception]:
         """Features for several sources: store hits are loaded; the misses of one latent size and
         inversion prompt are inverted together, `inversion_batch` sources per UNet call (one image
@@ -200,7 +208,10 @@ class Translator:
         (a resumed run, another manifest). Which rows are its neighbours, and its position among
         them, must not matter either: no kernel mixes rows, but whether a kernel treats every
         position alike is the hardware's business (on the 2-core CPU here it does not at 8x8
-        latents; tests/test_gpu.py checks a GPU)."""
+        latents; tests/test_gpu.py checks a GPU).
+
+        `prepared`, when given, receives the preprocessed source image of each source decoded here
+        (by index), for scoring (run --eval)."""
         results: list[Any] = [None] * len(sources)
         todo: dict[tuple, list[tuple[int, str, str, Any, torch.Tensor]]] = {}
         for i, (data, prompt) in enumerate(sources):
@@ -221,7 +232,10 @@ class Translator:
                     results[i] = (hit[0].to(self.models.device), key, True, time.perf_counter() - t0)
                     continue
                 img = decode_image(data, self.cfg.max_pixels)
-                z0 = self.encode(resize_source(img, self.cfg.resolution, self.cfg.resize_mode))
+                resized = resize_source(img, self.cfg.resolution, self.cfg.resize_mode)
+                if prepared is not None:
+                    prepared[i] = resized
+                z0 = self.encode(resized)
             except Exception as e:  # noqa: BLE001 - the caller fails this source's rows
                 results[i] = e
                 continue
@@ -411,15 +425,35 @@ class Translator:
                 continue
             prepared.append((records, rows, len(sources)))
             sources.append((data, self._inversion_prompt(first)))
-        feats = self.source_features_many(sources) if sources else []
+        decoded: dict[int, Any] | None = {} if self.scorer is not None else None
+        feats = self.source_features_many(sources, decoded) if sources else []
         out = []
         for records, rows, idx in prepared:
             if idx is not None:
                 f = feats[idx]
-                records += self._source_failed(rows, f, attempt) if isinstance(f, Exception) else self._finish(
-                    rows, *f, attempt=attempt)
+                if isinstance(f, Exception):
+                    records += self._source_failed(rows, f, attempt)
+                else:
+                    source = self._eval_source(decoded, idx, sources[idx][0]) if decoded is not None else None
+                    records += self._finish(rows, *f, attempt=attempt, source=source)
             out.append(records)
         return out
+
+    def _eval_source(self, decoded: dict[int, Any], idx: int, data: bytes) -> Any:
+        """The preprocessed source for scoring: as inverted here, or prepared now when its features came
+        from the store (an exception, if it cannot be: its rows' scores fail with the reason)."""
+        from pnp_batch.eval.score import Preprocessing, prepare_source
+
+        return decoded[idx] if idx in decoded else prepare_source(data, Preprocessing.of(self.cfg))
+
+    def _scores(self, rows: list[Row], images: np.ndarray, source: Any) -> list[dict[str, Any] | None]:
+        """Score records of the rows to do (None for companions), from the images in memory."""
+        from pnp_batch.eval.score import score_decoded
+
+        todo = [(r, img) for r, img in zip(rows, images) if not r.companion]
+        scored = iter(score_decoded(self.scorer, [r.id for r, _ in todo], [r.target_prompt for r, _ in todo],
+                                    self.cfg.hash(), [img for _, img in todo], source))
+        return [None if r.companion else next(scored) for r in rows]
 
     def _source_failed(self, rows: list[Row], e: Exception, attempt: int) -> list[dict[str, Any]]:
         msg = _row_message(e, rows[0])
@@ -427,7 +461,7 @@ class Translator:
         return [self._record(r, "failed", error=msg, attempt=attempt) for r in rows if not r.companion]
 
     def _finish(self, rows: list[Row], latents: torch.Tensor, key: str, hit: bool, t_inv: float,
-                attempt: int) -> list[dict[str, Any]]:
+                attempt: int, source: Any = None) -> list[dict[str, Any]]:
         """Sample and decode the images of one group, write those of the rows to do (not of the
         companions: see Row.companion), and build their records."""
         first = rows[0]
@@ -441,8 +475,9 @@ class Translator:
             log.exception("translation of %d rows from %s failed", len(rows), first.image or first.id)
             return [self._record(r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt)
                     for r in rows if not r.companion]
+        scores = self._scores(rows, images, source) if self.scorer is not None else [None] * len(rows)
         records: list[dict[str, Any] | Future] = []
-        for r, img, neg in zip(rows, images, negs):
+        for r, img, neg, score in zip(rows, images, negs, scores):
             if r.companion:
                 continue
             uri = output_uri(self.out, r.id, self.cfg.output_format)
@@ -451,6 +486,8 @@ class Translator:
                 invert_seconds=t_inv if not hit else 0.0, translate_seconds=t_tr, attempt=attempt,
                 warning=self.prompt_warning(r.target_prompt),
             )
+            if score is not None:
+                ok[SCORES_FIELD] = score  # the driver writes it to OUT/eval/ (only if the image is written)
             records.append(self._writer().submit(self._write_image, r, uri, img, ok))
         return records
 
