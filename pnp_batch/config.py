@@ -328,4 +328,4 @@ def with_overrides(cfg: PipelineConfig, overrides: list[str], allowed: tuple[str
 
 def config_from_dict(values: dict[str, Any]) -> PipelineConfig:
     """A config from a run summary's resolved `config` (keys this version does not know are dropped)."""
-    return PipelineConfig(**{k: v for k, v in values.items() if k in _FIELDS})
+    return PipelineConfig(**{k: _coerce(k, v) for k, v in values.items() if k in _FIELDS})

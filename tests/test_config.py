@@ -72,3 +72,16 @@ def test_config_hash_ignores_runtime_keys():
     assert a.hash() == a.replace(device="cpu", batch_size=5, inversion_streams=4).hash()
     assert a.hash() != a.replace(pnp_f_t=0.5).hash()
     assert isinstance(a, PipelineConfig)
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_a_run_summarys_config_reads_back_as_the_same_config(preset):
+    """`pnp-batch eval` rebuilds the run's config from OUT/runs/*.json: every key survives JSON (a LoRA
+    list included) and the config hash is the same."""
+    import json
+
+    from pnp_batch.config import config_from_dict
+
+    cfg = load_config(preset, ["lora=[style.safetensors:0.5]", "eval_clip_model=tiny-clip"])
+    back = config_from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and back.hash() == cfg.hash()
