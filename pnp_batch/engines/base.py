@@ -410,8 +410,8 @@ def _until_stopped(groups: Iterator[list[Row]], stop: StopRequest) -> Iterator[l
 
 
 def _record(records: list[dict[str, Any]], run_id: str, writer: ResultWriter, counts: dict[str, int],
-            sample: list[dict[str, Any]], stop: StopRequest, progress: Progress, scores: ScoreWriter | None,
-            sample_scores: dict[str, dict[str, Any]]) -> None:
+            sample: list[dict[str, Any]], stop: StopRequest, progress: Progress, scores: ScoreWriter | None = None,
+            sample_scores: dict[str, dict[str, Any]] | None = None) -> None:
     """Write one window's records (and with --eval their scores, flushed with the records' shard). A row that
     failed because the store was unreachable past the outage limit is not recorded (it stays pending, the
     run stops); once the run gave up on the store, neither is any other failed row (its failure may be the
@@ -422,15 +422,18 @@ def _record(records: list[dict[str, Any]], run_id: str, writer: ResultWriter, co
         if rec["status"] == "failed" and _outage_failure(rec, stop):
             continue
         rec["run_id"] = run_id
-        if score is not None and scores is not None:
-            scores.add(score)
-            counts["scored"] = counts.get("scored", 0) + (score["status"] == "ok")
-            if len(sample_scores) < 200:
-                sample_scores[rec["id"]] = score
-        shards = len(writer.files_written)
-        writer.add(rec)
-        if scores is not None and len(writer.files_written) != shards:
-            scores.flush()
+        if scores is None:
+            writer.add(rec)
+        else:
+            if score is not None:
+                scores.add(score)
+                counts["scored"] = counts.get("scored", 0) + (score["status"] == "ok")
+                if sample_scores is not None and len(sample_scores) < 200:
+                    sample_scores[rec["id"]] = score
+            shards = len(writer.files_written)
+            writer.add(rec)
+            if len(writer.files_written) != shards:  # the scores go out right after their records' shard
+                scores.flush()
         counts[rec["status"]] = counts.get(rec["status"], 0) + 1
         if rec["status"] == "failed":
             failed += 1
