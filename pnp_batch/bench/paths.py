@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pnp_batch.bench.inputs import PROMPTS, bench_settings, set_threads, synthetic_sources
+from pnp_batch.bench.inputs import PROMPTS, bench_dtype, bench_settings, set_threads, synthetic_sources
 from pnp_batch.bench.measure import Clock, PathStats, PeakMemory, Timed, UNetCounter
 
 
@@ -85,7 +85,7 @@ class Bench:
         from pnp_batch.translate.translator import Translator
 
         s = self.s
-        dtype = resolve_dtype(self.args.dtype, self.device)
+        dtype = resolve_dtype(bench_dtype(self.args, self.device), self.device)
         t0 = time.perf_counter()
         self.models = build_random_models(self.args.arch, self.device, dtype, seed=0)
         self.build_seconds = time.perf_counter() - t0
