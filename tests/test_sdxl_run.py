@@ -88,3 +88,13 @@ def test_refiner_and_inpainting_folders_exit_2_before_any_work(tmp_path, tiny_sd
     index["_class_name"] = "StableDiffusionXLInpaintPipeline"
     (inpaint / "model_index.json").write_text(json.dumps(index))
     _refuse(tmp_path, inpaint, capsys, "inpainting")
+
+
+def test_sdxl_presets():
+    sdxl = load_config("sdxl")
+    assert (sdxl.model, sdxl.resolution, sdxl.steps, sdxl.inversion_steps) == (
+        "stabilityai/stable-diffusion-xl-base-1.0", 1024, 50, 50)
+    assert (sdxl.guidance_scale, sdxl.pnp_f_t, sdxl.pnp_attn_t) == (7.5, 0.8, 0.5)
+    assert sdxl.negative_prompt == "ugly, blurry, black, low res, unrealistic"
+    tiny = load_config("tiny-sdxl")
+    assert tiny.model == "tiny-sdxl" and tiny.replace(model=sdxl.model, dtype="auto", name="sdxl") == sdxl

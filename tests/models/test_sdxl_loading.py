@@ -99,3 +99,23 @@ def test_inpainting_folders_are_refused_naming_them(tiny_sdxl_dir, tmp_path):
     UNet2DConditionModel.from_config(cfg).save_pretrained(nine / "unet")
     with pytest.raises(ModelLoadError, match=r"inpaint-unet.*9 input channels: an inpainting UNet"):
         load_models(load_config("tiny-sdxl", {"model": str(nine), "device": "cpu"}))
+
+
+def test_bench_sdxl_configs_are_sdxl_base_at_full_size():
+    """`bench --arch sdxl` builds SDXL base from its configs written in code (models/archs.py): on the
+    meta device (no memory), the parameter counts are the published model's, exactly."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from pnp_batch.models.archs import SDXL_CONFIG
+    from pnp_batch.models.tiny_sdxl import sdxl_unet
+
+    with torch.device("meta"):
+        unet = sdxl_unet(**SDXL_CONFIG["unet"])
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **SDXL_CONFIG["text"]))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
+                                                            **SDXL_CONFIG["text_2"]))
+    count = {name: sum(p.numel() for p in m.parameters()) for name, m in
+             (("unet", unet), ("text", text), ("text_2", text_2))}
+    assert count == {"unet": 2_567_463_684, "text": 123_060_480, "text_2": 694_659_840}
+    assert unet.config.projection_class_embeddings_input_dim == 2816  # 6 x 256 + 1280
+    assert [len(a.transformer_blocks) for a in unet.up_blocks[0].attentions] == [10, 10, 10]
