@@ -35,6 +35,8 @@ from pnp_batch.translate.text import prompt_encoder
 
 log = logging.getLogger(__name__)
 
+VAE_DECODE_PIXEL_BYTES = 2**24  # output pixels x VAE dtype size per decode call (see Translator.decode)
+
 @dataclass
 class Counters:
     """UNet work done by this translator, counted in calls and batch elements."""
@@ -166,9 +168,14 @@ class Translator:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """8-bit images from latents, at most VAE_DECODE_PIXEL_BYTES of output pixels per VAE call: 32
+        images at 512 px in fp16 (SD: one call for any usual K), 4 at 1024 px in fp32 (SDXL's VAE,
+        whose activations at 1024 px would otherwise grow past a GPU's memory with K)."""
         sf = self.models.scaling_factor
-        imgs = self.models.vae.decode(((1 / sf) * latents).to(self.models.vae.dtype)).sample
-        return to_uint8(imgs, self.cfg.quantize)
+        vae = self.models.vae
+        per_call = max(1, VAE_DECODE_PIXEL_BYTES // (latents.shape[-2] * latents.shape[-1] * 64 * vae.dtype.itemsize))
+        imgs = [vae.decode(((1 / sf) * part).to(vae.dtype)).sample for part in latents.split(per_call)]
+        return to_uint8(torch.cat(imgs), self.cfg.quantize)
 
     def _invert(self, batches: list[torch.Tensor], inversion_prompt: str, sources: int) -> list[torch.Tensor]:
         """(steps, B, 4, h, w) for each batch of B clean latents of one size, the batches side by side
