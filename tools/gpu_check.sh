@@ -3,7 +3,7 @@
 # Writes to $OUT (default ./gpu-out): gpu-tests.txt, bench*.json and summary.txt; to $AUX (default
 # $OUT): nvidia-smi.txt, pip.txt, imports.txt and bench*.txt.
 # Budget on an H100: the check proper (GPU tests ~1 min, the main bench ~2 min with the default CUDA
-# graphs) under five minutes; then SDXL at 1024 px (~2 min) and under a minute and a half for the
+# graphs) under five minutes; then SDXL at 1024 px (about 2 min) and under a minute and a half for the
 # inversion_streams option (QUICK=1 skips both). The step timeouts add up to 550 s, so the whole
 # script fits one 600 s device call.
 set -u
@@ -37,8 +37,9 @@ fi
 
 # The GPU tests first (a minute or two): fp16/fp32 against the CPU, no host-device sync per step, CUDA
 # graphs replaying the eager images, the same bytes from two processes, inversion_batch's padded calls
-# and inversion_streams' side-by-side inversions giving each source its own bits, the bench on cuda.
-timeout 150 "$PY" -m pytest -q -m gpu tests/test_gpu.py tests/bench/test_bench.py -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
+# and inversion_streams' side-by-side inversions giving each source its own bits, the bench on cuda;
+# the SDXL path (tiny-sdxl) in fp16 with CUDA graphs and its fp32 VAE.
+timeout 170 "$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_sdxl.py tests/bench/test_bench.py -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
 echo "gpu tests exit status $?"
 tail -5 "$OUT/gpu-tests.txt"
 
@@ -57,7 +58,7 @@ if [ "${QUICK:-0}" != 1 ]; then  # QUICK=1: the check proper only (under five mi
 # and peak memory (the table's "peak MiB"; the summary line below). The reference's per-call cost is
 # extrapolated from a 100-step inversion, as below. (inversion_batch 4 and channels_last, measured in
 # earlier sessions, see docs/bench.md, made room for it in the 600 s budget.)
-timeout 150 "$PY" -m pnp_batch bench --arch sdxl --device cuda --dtype float16 --resolution 1024 --steps 50 \
+timeout 130 "$PY" -m pnp_batch bench --arch sdxl --device cuda --dtype float16 --resolution 1024 --steps 50 \
   --k 4 --sources 1 --reference-inversion-steps 100 --json "$OUT/bench-sdxl.json" 2>&1 | tee "$AUX/bench-sdxl.txt"
 echo "bench (sdxl 1024) exit status ${PIPESTATUS[0]}"
 timeout 90 "${BENCH[@]}" --k 4 --sources 4 --reference-inversion-steps 100 --inversion-streams 4 \
