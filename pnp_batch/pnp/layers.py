@@ -2,8 +2,8 @@
 
 Feature injection replaces the output of `conv2` in the named resnets; self-attention injection
 replaces the queries and keys of the named `attn1` layers. The injector reads these tables and knows
-nothing of architectures; a new backbone adds a table here (and a way to recognise its UNet).
-Names are module paths in diffusers' UNet (`unet.get_submodule(name)`).
+nothing of architectures; a new backbone adds a table here (and its recognition in backbones.py).
+SD's table is PNP_SPEC.md §4; SDXL's is chosen and stated in docs/backbones.md. Names are module paths in diffusers' UNet (`unet.get_submodule(name)`).
 """
 
 from __future__ import annotations
