@@ -105,9 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-test-model", help="write the offline tiny test model (diffusers format)")
     m.add_argument("dir")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--arch", choices=("sd", "sdxl"), default="sd",
+                   help="sd: the `tiny` model (SD's topology); sdxl: `tiny-sdxl` (SDXL base's topology)")
 
     b = sub.add_parser("bench", help="side-by-side cost benchmark (see README)")
-    b.add_argument("--arch", default="tiny", help="tiny, sd21-base (random weights, full size) or sd15")
+    b.add_argument("--arch", default="tiny", help="tiny, sd21-base (random weights, full size), sd15 or sdxl")
     b.add_argument("--device", default="auto")
     b.add_argument("--dtype", default="auto")
     b.add_argument("--resolution", type=int, default=None)
@@ -272,6 +274,12 @@ def _lease_line(out: str) -> str:
 
 
 def cmd_make_test_model(a: argparse.Namespace) -> int:
+    if a.arch == "sdxl":
+        from pnp_batch.models.tiny_sdxl import make_tiny_sdxl
+
+        path = make_tiny_sdxl(a.dir, seed=a.seed)
+        print(f"wrote the tiny SDXL test model to {path} (use --set model={path} or --pipeline tiny-sdxl)")
+        return 0
     from pnp_batch.models.tiny import make_test_model
 
     path = make_test_model(a.dir, seed=a.seed)

@@ -150,3 +150,23 @@ def source_latents(tiny_models, embed):
     inv = ddim_invert(tiny_models.unet, tiny_models.scheduler_config, z0, embed([""]), 10, generation_timesteps(10))
     return inv.latents
 
+
+
+# --- the offline SDXL test model (tiny-sdxl), built once per machine like `tiny` ------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir():
+    """The tiny SDXL test model folder, written by `make_tiny_sdxl` on first use."""
+    from pnp_batch.models.tiny_sdxl import tiny_sdxl_dir as _dir
+
+    return _dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_models(tiny_sdxl_dir):
+    """tiny-sdxl loaded through the folder path, the same code as a real SDXL folder (fp32, CPU)."""
+    from pnp_batch.config import load_config
+    from pnp_batch.models.load import load_models
+
+    return load_models(load_config("tiny-sdxl", {"model": str(tiny_sdxl_dir), "device": "cpu"}))

@@ -81,8 +81,9 @@ FAMILIES = {
         "text_encoder_2": ("CLIPTextModelWithProjection", OPEN_CLIP_BIG_G),
         "tokenizer_pad": "<|endoftext|>",
         "tokenizer_2_pad": "!",
-        "scheduler": ("EulerDiscreteScheduler", {**{k: v for k, v in SD_SCHEDULER.items() if k not in
-                                                  ("clip_sample", "skip_prk_steps", "set_alpha_to_one")},
+        # SDXL's own file keeps SD's DDIM keys (clip_sample and set_alpha_to_one false) beside Euler's: the
+        # DDIM scheduler PnP builds from it needs them (DDIM's defaults are true for both)
+        "scheduler": ("EulerDiscreteScheduler", {**SD_SCHEDULER, "sample_max_value": 1.0,
                                                  "prediction_type": "epsilon", "timestep_spacing": "leading",
                                                  "interpolation_type": "linear", "use_karras_sigmas": False}),
     },

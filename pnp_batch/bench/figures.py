@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-FULL_SIZE = ("sd21-base", "sd15")
+FULL_SIZE = ("sd21-base", "sd15", "sdxl")
 SPEC_STEPS = 50
 SPEC_REFERENCE_STEPS = 999
 TARGETS = {"default_vs_reference_k1": 8.0, "default_vs_reference_k4": 4.0, "injection_overhead": 0.05,

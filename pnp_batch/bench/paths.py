@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pnp_batch.bench.inputs import PROMPTS, bench_settings, set_threads, synthetic_sources
+from pnp_batch.bench.inputs import PROMPTS, bench_dtype, bench_settings, set_threads, synthetic_sources
 from pnp_batch.bench.measure import Clock, PathStats, PeakMemory, Timed, UNetCounter
 
 
@@ -36,6 +36,7 @@ def floor_sample(unet, scheduler_config, sizes: list[int], steps: int, k: int, u
     the source branch; here the extra element is one more (discarded) evaluation of x with the empty
     prompt, so every step costs what the default's did, minus the injection itself.
     """
+    from pnp_batch.pnp.conditioning import TextCond
     from pnp_batch.pnp.inversion import device_timesteps, make_scheduler
 
     if len(sizes) != steps:
@@ -44,8 +45,8 @@ def floor_sample(unet, scheduler_config, sizes: list[int], steps: int, k: int, u
     dtype = unet.dtype
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = (torch.randn((k, *shape), generator=gen) * sched.init_noise_sigma).to(device)
-    emb_plain = torch.cat([neg, cond]).to(dtype)
-    emb_extra = torch.cat([uncond, emb_plain])
+    emb_plain = TextCond.cat([neg, cond]).to(dtype).unet_kwargs()
+    emb_extra = TextCond.cat([uncond, neg, cond]).to(dtype).unet_kwargs()
     timesteps = [int(t) for t in sched.timesteps.tolist()]
     ts = device_timesteps(timesteps, device)  # as the default path does: no host-device copy per call
     for i, t in enumerate(timesteps):
@@ -53,7 +54,7 @@ def floor_sample(unet, scheduler_config, sizes: list[int], steps: int, k: int, u
         xin = x.repeat(2, 1, 1, 1)
         if extra:
             xin = torch.cat([x[:1], xin])
-        pred = unet(xin.to(dtype), ts[i], encoder_hidden_states=emb_extra if extra else emb_plain).sample.float()
+        pred = unet(xin.to(dtype), ts[i], **(emb_extra if extra else emb_plain)).sample.float()
         e_neg, e_cond = pred[extra:].chunk(2)
         x = sched.step(e_neg + guidance * (e_cond - e_neg), t, x).prev_sample
     return x
@@ -84,7 +85,7 @@ class Bench:
         from pnp_batch.translate.translator import Translator
 
         s = self.s
-        dtype = resolve_dtype(self.args.dtype, self.device)
+        dtype = resolve_dtype(bench_dtype(self.args, self.device), self.device)
         t0 = time.perf_counter()
         self.models = build_random_models(self.args.arch, self.device, dtype, seed=0)
         self.build_seconds = time.perf_counter() - t0
@@ -121,9 +122,9 @@ class Bench:
         a minute and one-off costs are negligible against seconds per call, one batch-1 UNet call."""
         if self.device.type == "cpu" and self.args.arch != "tiny":
             h = self.s["resolution"] // 8
-            emb = self.tr.embed([""])
+            emb = self.tr.condition([""], (h, h))
             with torch.no_grad():
-                self.unet(torch.zeros((1, 4, h, h), dtype=self.models.dtype), 1, encoder_hidden_states=emb)
+                self.unet(torch.zeros((1, 4, h, h), dtype=self.models.dtype), 1, **emb.unet_kwargs())
         else:
             store = self.tr.features
             for k in self.s["k"]:  # every batch shape once: cuDNN/cuBLAS pick their kernels per shape
@@ -202,10 +203,10 @@ class Bench:
         if graphed:  # the graphs recorded with the PnP processors do not serve the stock ones
             self.unet.use("stock", None)
         try:
-            uncond = self.tr.embed([""])
-            neg = self.tr.embed([self.cfg.negative_prompt] * k)
-            cond = self.tr.embed(self.prompts[:k])
             h = self.s["resolution"] // 8
+            uncond = self.tr.condition([""], (h, h))
+            neg = self.tr.condition([self.cfg.negative_prompt] * k, (h, h))
+            cond = self.tr.condition(self.prompts[:k], (h, h))
             for i, sizes in enumerate(sizes_per_source):
                 self.decode.take()
                 with PeakMemory(self.device) as mem:
@@ -244,7 +245,6 @@ class Bench:
         gen = list(self.tr.timesteps)
         top = inversion_timesteps(r)[0]
         keep = gen + ([top] if top not in gen else [])
-        cond = self.tr.embed([""])
         pred = self.models.prediction_type
         self.encode.take()
         self.decode.take()
@@ -253,6 +253,7 @@ class Bench:
             img = resize_source(decode_image(self.sources[i], self.cfg.max_pixels), self.cfg.resolution,
                                 self.cfg.resize_mode)
             z0 = self.tr.encode(img)
+            cond = self.tr.condition([""], z0.shape)
             t1 = self.clock()
             m0 = self.counter.mark()
             inv = ddim_invert(self.unet, self.models.scheduler_config, z0, cond, r, keep, pred)
@@ -275,16 +276,16 @@ class Bench:
         from pnp_batch.pnp.sampler import pnp_sample
 
         st = PathStats()
-        uncond = self.tr.embed([""])
         for i in range(len(self.sources)):
             pre = self._reference_source(i)
+            uncond = self.tr.condition([""], pre["latents"].shape)
             st.add_inversion(pre["calls"])
             st.inversion_seconds += pre["inversion_seconds"]
             st.other_seconds += pre["other_seconds"]
             st.seconds += pre["inversion_seconds"] + pre["other_seconds"]
             st.peak_memory_bytes = max(st.peak_memory_bytes, pre["peak"])
             for row in self.rows(k, i):
-                targets, _ = self.tr._targets([row])
+                targets, _ = self.tr._targets([row], pre["latents"].shape)
                 self.decode.take()
                 with PeakMemory(self.device) as mem:
                     t0 = self.clock()

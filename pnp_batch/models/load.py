@@ -1,4 +1,5 @@
-"""Load Stable Diffusion parts once per worker: a hub id, a local diffusers folder, a single checkpoint file, or `tiny`."""
+"""Load Stable Diffusion parts once per worker: a hub id, a local diffusers folder, a single checkpoint file,
+`tiny` or `tiny-sdxl` (SDXL's own part: models/sdxl.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ from typing import Any
 
 import torch
 
+from pnp_batch.backbones import SD, SDXL, UnsupportedArchitecture, recognise
 from pnp_batch.config import PipelineConfig
 from pnp_batch.errors import UsageError
+from pnp_batch.models import sdxl
 from pnp_batch.models.lora import apply_loras, lora_fingerprint, resolve_loras
 from pnp_batch.models.single_file import is_single_file, load_single_file, single_file_fingerprint
 from pnp_batch.models.tiny import TINY_VERSION, tiny_model_dir
+from pnp_batch.models.tiny_sdxl import TINY_SDXL_VERSION, tiny_sdxl_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,9 @@ class Models:
     fingerprint: str
     name: str
     is_test_model: bool
+    architecture: str = SD  # backbones.SD or backbones.SDXL
+    text_encoder_2: Any = None  # SDXL: CLIPTextModelWithProjection (hidden states + pooled embedding)
+    tokenizer_2: Any = None
 
     @property
     def prediction_type(self) -> str:
@@ -98,12 +105,19 @@ def _load_folder(path: Path, revision: str | None, dtype: torch.dtype, local_onl
     if local_only:
         kw["local_files_only"] = True
     src = str(path)
+    index = sdxl.pipeline_index(src, kw)
+    problem = sdxl.unsupported(index)
+    if problem:
+        raise ModelLoadError(f"model {src!r} cannot be used: {problem}")
     tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
     text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dtype, **kw)
-    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw)
+    vae_dtype = sdxl.vae_dtype(AutoencoderKL.load_config(src, subfolder="vae", **kw), dtype) \
+        if sdxl.is_sdxl(index) else dtype
+    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **kw)
     unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, **kw)
     sched = _scheduler_config(src, kw)
-    return vae, text_encoder, tokenizer, unet, sched
+    second = sdxl.load_second_encoder(src, dtype, kw) if sdxl.is_sdxl(index) else {}
+    return vae, text_encoder, tokenizer, unet, sched, second
 
 
 def _scheduler_config(src: str, kw: dict) -> dict:
@@ -142,7 +156,7 @@ def hub_problem(model: str, revision: str) -> Exception | None:
 def model_available(cfg: PipelineConfig) -> str | None:
     """None when cfg.model can be loaded here (local folder/file, cached, or reachable); else why not."""
     model = cfg.model
-    if model == "tiny" or os.path.isdir(model) or os.path.isfile(model):
+    if model in ("tiny", "tiny-sdxl") or os.path.isdir(model) or os.path.isfile(model):
         return None
     if model.startswith(("/", "./", "../")) or is_single_file(model):
         return f"{model!r} does not exist"
@@ -170,6 +184,11 @@ def load_models(cfg: PipelineConfig) -> Models:
         parts = _load_folder(path, None, dtype, local_only=True)
         fingerprint = f"{TINY_VERSION}:{_folder_fingerprint(path)}"
         is_test = True
+    elif model == "tiny-sdxl":
+        path = tiny_sdxl_dir()
+        parts = _load_folder(path, None, dtype, local_only=True)
+        fingerprint = f"{TINY_SDXL_VERSION}:{_folder_fingerprint(path)}"
+        is_test = True
     elif os.path.isdir(model):
         path = Path(model)
         if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
@@ -193,18 +212,28 @@ def load_models(cfg: PipelineConfig) -> Models:
             except (OSError, ValueError, RuntimeError) as e:
                 raise _hub_help(model, cfg.revision, e) from e
         fingerprint = f"hub:{model}@{cfg.revision}"
-    vae, text_encoder, tokenizer, unet, sched = parts
-    for m in (vae, text_encoder, unet):
+    vae, text_encoder, tokenizer, unet, sched, *rest = parts
+    second = rest[0] if rest else {}
+    try:
+        arch = recognise(unet)
+    except UnsupportedArchitecture as e:
+        raise ModelLoadError(f"model {model!r} cannot be used: {e}") from e
+    if arch == SDXL:
+        if not second:
+            raise ModelLoadError(f"model {model!r} has an SDXL UNet but no second text encoder (text_encoder_2)")
+        fingerprint = f"{SDXL}|{fingerprint}"  # the architecture in the feature key (SD's keys stay as they were)
+    for m in (vae, text_encoder, unet, second.get("text_encoder_2")):
+        if m is None:
+            continue
         m.to(device)
         m.eval()
         m.requires_grad_(False)
     pred = sched.get("prediction_type", "epsilon")
     if pred not in ("epsilon", "v_prediction"):
         raise ModelLoadError(f"model {model!r} uses prediction_type={pred!r}; pnp-batch supports epsilon and v_prediction")
-    if model != "tiny" and not (unet.up_blocks[1].resnets and len(unet.up_blocks) == 4):
-        raise ModelLoadError(f"model {model!r} does not have Stable Diffusion 1.x/2.x's UNet layout; see PNP_SPEC.md §7")
     loras = resolve_loras(cfg.lora)  # LoRA adapters (models/lora.py): checked against the model, then fused
-    apply_loras(unet, {"text_encoder": text_encoder}, loras)
+    apply_loras(unet, {"text_encoder": text_encoder, **({"text_encoder_2": second["text_encoder_2"]} if second else {})},
+                loras)
     fingerprint += lora_fingerprint(loras)
     return Models(
         vae=vae,
@@ -217,14 +246,17 @@ def load_models(cfg: PipelineConfig) -> Models:
         fingerprint=fingerprint,
         name=model,
         is_test_model=is_test,
+        architecture=arch,
+        **second,
     )
 
 
 def _load_single_file(path: str, model_config: str, dtype: torch.dtype) -> tuple[tuple, str]:
     """A single .safetensors/.ckpt checkpoint, offline (models/single_file.py); its parts and fingerprint."""
     pipe, family, config_name, folder = load_single_file(path, model_config, dtype)
-    if family == "sdxl":
-        raise ModelLoadError(f"checkpoint {path!r} is an SDXL model; SDXL checkpoints load through the SDXL backbone")
     sched = _scheduler_config(str(folder), {"local_files_only": True})
-    parts = (pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, sched)
+    parts: tuple = (pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, sched)
+    if family == "sdxl":  # the second text encoder, and the VAE in fp32 where SDXL's overflows (models/sdxl.py)
+        pipe.vae.to(sdxl.vae_dtype(pipe.vae.config, dtype))
+        parts += ({"text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2},)
     return parts, single_file_fingerprint(path, config_name)

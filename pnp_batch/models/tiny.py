@@ -61,8 +61,10 @@ def sd_unet(block_out_channels: tuple[int, ...], norm_num_groups: int, **conditi
     )
 
 
-def sd_vae(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int):
-    """An AutoencoderKL with Stable Diffusion's VAE layout (4 blocks, 4 latent channels, 0.18215)."""
+def sd_vae(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int,
+           scaling_factor: float = 0.18215):
+    """An AutoencoderKL with Stable Diffusion's VAE layout (4 blocks, 4 latent channels, 0.18215;
+    SDXL's VAE has the same layout and 0.13025)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -75,7 +77,7 @@ def sd_vae(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_
         layers_per_block=layers_per_block,
         norm_num_groups=norm_num_groups,
         sample_size=512,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
     )
 
 

@@ -8,9 +8,10 @@ them with a single launch, reading its inputs from fixed ("static") tensors.
 `GraphedUNet` wraps a UNet (it is an nn.Module, so hooks on it see every call) and keeps one graph
 per call shape and PnP injection state: the shapes of sample, timestep and text embedding, and the
 controller's rows (None, a slice or a cached index tensor whose identity is stable; see
-sampler._rows). The injection rows are part of the recording, so they key the graph. Calls whose
-result depends on state outside the call (a split batch recording the source's features for later
-calls, or reading them) and calls with other arguments run eagerly, as do all calls after a capture
+sampler._rows), and the shapes of SDXL's added conditioning (`added_cond_kwargs`: pooled text
+embeddings and size ids, copied into static tensors like the text). The injection rows are part of
+the recording, so they key the graph. Calls whose result depends on state outside the call (a split
+batch recording the source's features for later calls, or reading them) and calls with other arguments run eagerly, as do all calls after a capture
 failed (logged once). The replayed kernels are those of an eager call of the same shape, so results
 equal the eager ones.
 
@@ -74,6 +75,7 @@ class _Graph:
     timestep: torch.Tensor
     emb: torch.Tensor
     keep: tuple  # tensors the recording reads by address (the injection rows): kept alive
+    added: dict[str, torch.Tensor]  # static added-conditioning inputs (SDXL), empty for SD
 
 
 @dataclass
@@ -133,42 +135,56 @@ class GraphedUNet(torch.nn.Module):
         return (_rows_key(c.conv_rows), _rows_key(c.attn_rows), c.has_source and not idle)
 
     def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor | None = None,
-                **kwargs: Any):
+                added_cond_kwargs: dict[str, torch.Tensor] | None = None, **kwargs: Any):
+        added = added_cond_kwargs or {}
         state = self._state() if not kwargs and self.failed is None else None
-        if state is None or not torch.is_tensor(timestep) or encoder_hidden_states is None:
+        if (state is None or not torch.is_tensor(timestep) or encoder_hidden_states is None
+                or not all(torch.is_tensor(t) for t in added.values())):
             self.eager_calls += 1
-            return self.module(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
+            return self.module(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                               added_cond_kwargs=added_cond_kwargs, **kwargs)
         lane = self.backend.lane(sample)
+        # SDXL's added conditioning (pooled text, size ids) is an input like the text: static tensors,
+        # their shapes in the key.
+        added_key = tuple((n, tuple(t.shape), t.dtype) for n, t in sorted(added.items()))
         key = (tuple(sample.shape), sample.dtype, tuple(timestep.shape), timestep.dtype,
-               tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype, state, lane)
+               tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype, added_key, state, lane)
         g = self.graphs.get(key)
         if g is None:
-            g = self._capture(key, sample, timestep, encoder_hidden_states, lane)
+            g = self._capture(key, sample, timestep, encoder_hidden_states, added, lane)
             if g is None:
                 self.eager_calls += 1
-                return self.module(sample, timestep, encoder_hidden_states=encoder_hidden_states)
+                return self.module(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                                   added_cond_kwargs=added_cond_kwargs)
         g.sample.copy_(sample)
         g.timestep.copy_(timestep)
         g.emb.copy_(encoder_hidden_states)
+        for n, t in added.items():
+            g.added[n].copy_(t)
         g.replay()
         self.replays += 1
         return _Output(g.out.clone())  # the pool is reused by the next replay
 
     def _capture(self, key: tuple, sample: torch.Tensor, timestep: torch.Tensor, emb: torch.Tensor,
-                 lane: int) -> _Graph | None:
+                 added: dict[str, torch.Tensor], lane: int) -> _Graph | None:
         if self.recorded >= self.max_graphs:  # drop the oldest, of this set if it has any
             victims = self.graphs or next(g for g in self._sets.values() if g)
             victims.pop(next(iter(victims)))
         s, t, e = sample.clone(), timestep.clone(), emb.clone()
+        a = {n: v.clone() for n, v in added.items()}
         c = self.controller
         keep = (c.conv_rows, c.attn_rows) if c is not None else ()
+
+        def call() -> torch.Tensor:
+            return self.module(s, t, encoder_hidden_states=e, added_cond_kwargs=a or None).sample
+
         try:
-            replay, out = self.backend.capture(lambda: self.module(s, t, encoder_hidden_states=e).sample, lane)
+            replay, out = self.backend.capture(call, lane)
         except Exception as exc:  # noqa: BLE001 - graphs are an optimisation: fall back to eager calls
             self.failed = f"{type(exc).__name__}: {exc}"
             log.warning("CUDA graph capture failed (%s); running the UNet eagerly from here on", self.failed)
             return None
-        g = _Graph(replay, out, s, t, e, keep)
+        g = _Graph(replay, out, s, t, e, keep, a)
         self.graphs[key] = g
         return g
 

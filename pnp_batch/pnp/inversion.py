@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from pnp_batch.config import ConfigError
+from pnp_batch.pnp.conditioning import TextCond
 
 
 @dataclass
@@ -52,7 +53,7 @@ def ddim_invert(
     unet,
     scheduler_config: dict,
     latent: torch.Tensor,
-    cond: torch.Tensor,
+    cond: torch.Tensor | TextCond,
     inversion_steps: int,
     keep: list[int],
     prediction_type: str = "epsilon",
@@ -73,7 +74,7 @@ def ddim_invert_many(
     unet,
     scheduler_config: dict,
     latents: list[torch.Tensor],
-    cond: torch.Tensor,
+    cond: torch.Tensor | TextCond,
     inversion_steps: int,
     keep: list[int],
     prediction_type: str = "epsilon",
@@ -116,7 +117,7 @@ def ddim_invert_many(
         coeffs = (a_t, a_t**0.5, a_prev**0.5, (1 - a_t) ** 0.5, (1 - a_prev) ** 0.5)  # the same for every walk
         for j, w in enumerate(walks):
             with lane(j):
-                out = unet(w.x.to(model_dtype), ts[i], encoder_hidden_states=w.cond).sample.float()
+                out = unet(w.x.to(model_dtype), ts[i], **w.cond).sample.float()
                 w.step(out, t, coeffs, prediction_type)
     outs = []
     for j, w in enumerate(walks):
@@ -132,10 +133,9 @@ def ddim_invert_many(
 class _Walk:
     """One inversion in progress: x so far and the latents kept at the `keep` timesteps."""
 
-    def __init__(self, latent: torch.Tensor, cond: torch.Tensor, keep: list[int]) -> None:
+    def __init__(self, latent: torch.Tensor, cond: torch.Tensor | TextCond, keep: list[int]) -> None:
         self.x = latent.float()
-        batch = self.x.shape[0]
-        self.cond = cond.expand(batch, *cond.shape[1:]) if cond.shape[0] == 1 else cond
+        self.cond = TextCond.of(cond).expand(self.x.shape[0]).unet_kwargs()  # the UNet's keyword arguments
         self.keep = set(keep)
         self.kept: dict[int, torch.Tensor] = {}
 
@@ -153,15 +153,16 @@ class _Walk:
 
 @torch.no_grad()
 def ddim_reconstruct(
-    unet, scheduler_config: dict, x: torch.Tensor, cond: torch.Tensor, steps: int, prediction_type: str = "epsilon"
+    unet, scheduler_config: dict, x: torch.Tensor, cond: torch.Tensor | TextCond, steps: int,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """Plain DDIM sampling (eta 0, guidance 1) from the noisiest kept latent back to a clean latent."""
     sched = make_scheduler(scheduler_config, steps)
     x = x.float()
-    cond = cond.expand(x.shape[0], *cond.shape[1:]) if cond.shape[0] == 1 else cond
+    kwargs = TextCond.of(cond).expand(x.shape[0]).unet_kwargs()
     timesteps = [int(t) for t in sched.timesteps.tolist()]
     ts = device_timesteps(timesteps, x.device)
     for i, t in enumerate(timesteps):
-        out = unet(x.to(unet.dtype), ts[i], encoder_hidden_states=cond).sample.float()
+        out = unet(x.to(unet.dtype), ts[i], **kwargs).sample.float()
         x = sched.step(out, t, x).prev_sample
     return x

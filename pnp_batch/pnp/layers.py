@@ -2,13 +2,17 @@
 
 Feature injection replaces the output of `conv2` in the named resnets; self-attention injection
 replaces the queries and keys of the named `attn1` layers. The injector reads these tables and knows
-nothing of architectures; a new backbone adds a table here (and a way to recognise its UNet).
-Names are module paths in diffusers' UNet (`unet.get_submodule(name)`).
+nothing of architectures; a new backbone adds a table here (and its recognition in backbones.py).
+SD's table is PNP_SPEC.md §4; SDXL's is chosen and stated in docs/backbones.md. Names are module paths in diffusers' UNet (`unet.get_submodule(name)`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from pnp_batch.backbones import SD as SD_ARCH
+from pnp_batch.backbones import SDXL as SDXL_ARCH
+from pnp_batch.backbones import recognise
 
 
 @dataclass(frozen=True)
@@ -27,24 +31,48 @@ def _attn(block: int, attentions: tuple[int, ...], transformer_blocks: int = 1) 
     )
 
 
+def _attn_all(unet, block: int, attentions: tuple[int, ...]) -> tuple[str, ...]:
+    """attn1 of every transformer block of the named attentions (SDXL stacks 10 or 2 per attention)."""
+    ups = unet.up_blocks[block]
+    return sum((_attn(block, (a,), len(ups.attentions[a].transformer_blocks)) for a in attentions), ())
+
+
 # SD 1.x/2.x: the 4th decoder layer's features (16x16 at 512 px) and decoder self-attention layers 4-11.
 SD = InjectionPoints(
     feature_blocks=("up_blocks.1.resnets.1",),
     attn_layers=_attn(1, (1, 2)) + _attn(2, (0, 1, 2)) + _attn(3, (0, 1, 2)),
 )
 
-INJECTION_POINTS: dict[str, InjectionPoints] = {"sd": SD}
+
+def sdxl_points(unet) -> InjectionPoints:
+    """SDXL base (docs/backbones.md): the decoder's first block is at SD's 16x16 relative resolution
+    (1/32 of the image: 32x32 at 1024 px), so SD's layer 4 (up_blocks[1].resnets[1], the second layer
+    at that resolution) maps to up_blocks[0].resnets[1]; self-attention from that layer to the finest
+    decoder resolution that has attention: up_blocks[0].attentions[1..2] (10 transformer blocks each
+    in the real model) and up_blocks[1].attentions[0..2] (2 each), attn1 of every transformer block.
+    SDXL's finest decoder block (up_blocks[2], 1/8) has no attention. The count of transformer
+    blocks is read from the UNet, so the table holds for any width of the same topology."""
+    return InjectionPoints(
+        feature_blocks=("up_blocks.0.resnets.1",),
+        attn_layers=_attn_all(unet, 0, (1, 2)) + _attn_all(unet, 1, (0, 1, 2)),
+    )
+
+
+# Per architecture (backbones.recognise): the table itself, or a function of the UNet for tables whose
+# layer names depend on its transformer depth.
+INJECTION_POINTS = {SD_ARCH: SD, SDXL_ARCH: sdxl_points}
 
 
 def architecture(unet) -> str:
-    """The injection table that fits this UNet, recognised by its decoder's layout."""
-    ups = getattr(unet, "up_blocks", None)
-    if ups is not None and len(ups) == 4 and len(ups[1].resnets) > 1:
-        return "sd"
-    raise ValueError(
-        f"no PnP injection points are known for a UNet with {len(ups) if ups is not None else 'no'} decoder "
-        f"blocks; known architectures: {', '.join(INJECTION_POINTS)} (PNP_SPEC.md section 7)"
-    )
+    """The architecture whose injection table fits this UNet (backbones.recognise; a ValueError
+    saying what the UNet is when PnP has no table for it)."""
+    return recognise(unet)
+
+
+def default_points(unet) -> InjectionPoints:
+    """The architecture's own injection points for this UNet."""
+    table = INJECTION_POINTS[architecture(unet)]
+    return table if isinstance(table, InjectionPoints) else table(unet)
 
 
 def feature_block_names(unet) -> list[str]:
@@ -62,7 +90,7 @@ def injection_points(unet, feature_blocks: tuple[str, ...] | None = None,
                      attn_layers: tuple[str, ...] | None = None) -> InjectionPoints:
     """The architecture's table, with either list replaced when given; unknown names are a ValueError
     that lists the valid ones."""
-    default = INJECTION_POINTS[architecture(unet)]
+    default = default_points(unet)
     points = InjectionPoints(
         feature_blocks=default.feature_blocks if feature_blocks is None else tuple(feature_blocks),
         attn_layers=default.attn_layers if attn_layers is None else tuple(attn_layers),

@@ -14,11 +14,12 @@ its output is never used, so this changes nothing but the cost.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from pnp_batch.pnp.conditioning import TextCond
 from pnp_batch.pnp.injection import PnPInjector
 from pnp_batch.pnp.inversion import device_timesteps, make_scheduler
 
@@ -27,8 +28,8 @@ from pnp_batch.pnp.inversion import device_timesteps, make_scheduler
 class Target:
     """One target prompt's conditioning and settings."""
 
-    cond: torch.Tensor  # (77, D) embedding of the target prompt
-    negative: torch.Tensor  # (77, D) embedding of the negative prompt (fixed string or source prompt)
+    cond: torch.Tensor | TextCond  # (77, D) embedding of the target prompt, or a TextCond of one element
+    negative: torch.Tensor | TextCond  # the same for the negative prompt (fixed string or source prompt)
     guidance_scale: float
     f_steps: int  # feature injection at steps i < f_steps
     attn_steps: int  # q/k injection at steps i < attn_steps
@@ -51,7 +52,7 @@ class _Call:
     record: bool
     conv_rows: slice | torch.Tensor | None
     attn_rows: slice | torch.Tensor | None
-    emb: torch.Tensor  # (batch, 77, D) conditioning for this call
+    emb: TextCond  # conditioning for this call, one row per batch element
 
 
 def blend_alphas(schedule: str, alpha: float, steps: int) -> tuple[float, ...]:
@@ -88,7 +89,7 @@ def _rows(mask: list[bool], offset: int, device: torch.device) -> slice | torch.
 
 
 def _plan(
-    targets: list[Target], uncond: torch.Tensor, steps: int, max_batch: int, device: torch.device, blend: bool
+    targets: list[Target], uncond: TextCond, steps: int, max_batch: int, device: torch.device, blend: bool
 ) -> list[list[_Call]]:
     """Every UNet call of every step (one list per step), decided before the loop."""
     k = len(targets)
@@ -97,9 +98,9 @@ def _plan(
     owner = [e % k for e in range(kinds * k)]
     embs = []
     if blend:
-        embs += [uncond[0]] * k
+        embs += [uncond.rows(0)] * k
     embs += [t.negative for t in targets] + [t.cond for t in targets]
-    all_emb = torch.stack(embs)
+    all_emb = TextCond.cat(embs)
     emb_cache: dict = {}
     plan: list[list[_Call]] = []
     for i in range(steps):
@@ -117,11 +118,9 @@ def _plan(
             offset = 1 if has_source else 0
             key = (tuple(sel), has_source)
             if key not in emb_cache:
-                rows = all_emb[sel]
-                emb_cache[key] = (
-                    torch.cat([uncond, rows]) if has_source else rows,
-                    torch.tensor(sel, device=device, dtype=torch.long),
-                )
+                index = torch.tensor(sel, device=device, dtype=torch.long)
+                rows = all_emb.rows(index)
+                emb_cache[key] = (TextCond.cat([uncond, rows]) if has_source else rows, index)
             emb, elements = emb_cache[key]
             calls.append(
                 _Call(
@@ -146,7 +145,7 @@ def pnp_sample(
     injector: PnPInjector | None,
     scheduler_config: dict,
     source_latents: torch.Tensor,
-    uncond: torch.Tensor,
+    uncond: torch.Tensor | TextCond,
     targets: list[Target],
     steps: int,
     max_batch: int,
@@ -155,7 +154,9 @@ def pnp_sample(
     """Translate one source for K targets.
 
     source_latents: (steps, 1, C, h, w), the stored inversion latents at the generation timesteps,
-    noisiest first; x starts from source_latents[0] for every target. uncond: (1, 77, D) = emb("").
+    noisiest first; x starts from source_latents[0] for every target. uncond: (1, 77, D) = emb(""), or
+    a TextCond of one element (architectures with added conditioning, e.g. SDXL's pooled text and
+    size ids): every target's cond and negative then carry the same added inputs, batched alike.
     With `injector=None` nothing is injected and no source branch runs (plain DDIM sampling).
     """
     # 1. check inputs
@@ -176,7 +177,9 @@ def pnp_sample(
     ts = device_timesteps(timesteps, device)  # the UNet gets ts[i]: no host-device copy per call
 
     # 2. plan
-    plan = _plan(targets, uncond.to(dtype), steps, max_batch, device, blend)
+    targets = [replace(t, cond=TextCond.of(t.cond).to(dtype), negative=TextCond.of(t.negative).to(dtype))
+               for t in targets]
+    plan = _plan(targets, TextCond.of(uncond).to(dtype), steps, max_batch, device, blend)
     g = torch.tensor([t.guidance_scale for t in targets], device=device, dtype=torch.float32).view(k, 1, 1, 1)
     alphas = (
         torch.tensor([t.blend_alphas for t in targets], device=device, dtype=torch.float32).T.reshape(steps, k, 1, 1, 1)
@@ -200,7 +203,7 @@ def pnp_sample(
                     xin = torch.cat([source_latents[i].float(), xin])
                 if controller is not None:
                     controller.set_call(call.conv_rows, call.attn_rows, call.has_source, call.record)
-                pred = unet(xin.to(dtype), ts[i], encoder_hidden_states=call.emb).sample.float()
+                pred = unet(xin.to(dtype), ts[i], **call.emb.unet_kwargs()).sample.float()
                 if call.has_source:
                     pred = pred[1:]
                     src_elements += 1

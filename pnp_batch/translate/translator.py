@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pnp_batch.config import PipelineConfig, generation_timesteps
-from pnp_batch.errors import RowError
+from pnp_batch.errors import RowError, UsageError
 from pnp_batch.io import storage
 from pnp_batch.io.features import MISSING, FeatureStore, feature_key
 from pnp_batch.io.images import decode_image, encode_image, resize_source
@@ -24,15 +24,19 @@ from pnp_batch.io.records import SCORES_FIELD, resolve, row_record
 from pnp_batch.io.rows import Row
 from pnp_batch.models.load import Models, load_models
 from pnp_batch.models.tiny import TEST_MODEL_NOTE
+from pnp_batch.pnp.conditioning import TextCond
 from pnp_batch.pnp.graphs import GraphedUNet
 from pnp_batch.pnp.injection import PnPInjector
 from pnp_batch.pnp.inversion import ddim_invert_many
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
 from pnp_batch.translate.outputs import output_uri, to_uint8
 from pnp_batch.translate.sizing import auto_batch_size
+from pnp_batch.translate.text import prompt_encoder
 
 log = logging.getLogger(__name__)
 _NOT_READ = object()  # source_features_many: prefetch did not read this key
+
+VAE_DECODE_PIXEL_BYTES = 2**24  # output pixels x VAE dtype size per decode call (see Translator.decode)
 
 @dataclass
 class Counters:
@@ -71,10 +75,14 @@ class Translator:
             from pnp_batch.eval.score import load_scorer
 
             self.scorer = load_scorer(cfg, device=str(self.models.device))
-        self.injector = PnPInjector(self.models.unet)
+        try:
+            self.injector = PnPInjector(self.models.unet)
+        except ValueError as e:  # no injection table for this UNet, or a layer it lacks: before any work
+            raise UsageError(f"model {self.models.name!r}: {e}") from e
+        self.text = prompt_encoder(self.models)  # the architecture's prompt conditioning (translate/text.py)
         self.counters = Counters()
         self.timesteps = generation_timesteps(cfg.steps)
-        self._emb: dict[str, torch.Tensor] = {}
+        self._emb: dict[str, TextCond] = {}
         self._write_pool: ThreadPoolExecutor | None = None
         self._feature_writes: dict[str, tuple[torch.Tensor, Future]] = {}  # key -> (latents, write)
         self._prefetched: dict[str, tuple[torch.Tensor, dict] | None] = {}  # key -> features read ahead (None: corrupt)
@@ -118,19 +126,22 @@ class Translator:
         return self.inversion_batch * self.inversion_streams
 
     # -- text ------------------------------------------------------------------------------
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings, (len, 77, D); the text encoder runs once per distinct prompt."""
+    def embed(self, prompts: list[str]) -> TextCond:
+        """Per-prompt conditioning, one row per prompt (hidden states (len, 77, D) and, for SDXL, the
+        pooled embeddings); the text encoders run once per distinct prompt."""
         todo = [p for p in dict.fromkeys(prompts) if p not in self._emb]
         if todo:
-            tok = self.models.tokenizer
-            ids = tok(todo, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-            with torch.no_grad():
-                embs = self.models.text_encoder(ids.input_ids.to(self.models.device))[0]
-            for p, e in zip(todo, embs):
+            embs = self.text.encode(todo)
+            for j, p in enumerate(todo):
                 if len(self._emb) > 4096:
                     self._emb.pop(next(iter(self._emb)))
-                self._emb[p] = e
-        return torch.stack([self._emb[p] for p in prompts])
+                self._emb[p] = embs.rows(j)
+        return TextCond.cat([self._emb[p] for p in prompts])
+
+    def condition(self, prompts: list[str], latent_size: tuple[int, ...]) -> TextCond:
+        """The UNet conditioning of `prompts` for latents of spatial size `latent_size` (h, w)."""
+        h, w = latent_size[-2:]
+        return self.text.for_size(self.embed(prompts), h * 8, w * 8)
 
     def prompt_warning(self, prompt: str) -> str | None:
         """A warning when the prompt is longer than the text encoder reads (it is truncated)."""
@@ -160,14 +171,20 @@ class Translator:
     @torch.no_grad()
     def encode(self, img) -> torch.Tensor:
         arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-        x = (2 * arr - 1).unsqueeze(0).to(self.models.device, self.models.dtype)
-        return self.models.vae.encode(x).latent_dist.mean.float() * self.models.scaling_factor
+        vae = self.models.vae  # in the model's dtype, or float32 where it would overflow (SDXL, models/sdxl.py)
+        x = (2 * arr - 1).unsqueeze(0).to(self.models.device, vae.dtype)
+        return vae.encode(x).latent_dist.mean.float() * self.models.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """8-bit images from latents, at most VAE_DECODE_PIXEL_BYTES of output pixels per VAE call: 32
+        images at 512 px in fp16 (SD: one call for any usual K), 4 at 1024 px in fp32 (SDXL's VAE,
+        whose activations at 1024 px would otherwise grow past a GPU's memory with K)."""
         sf = self.models.scaling_factor
-        imgs = self.models.vae.decode(((1 / sf) * latents).to(self.models.dtype)).sample
-        return to_uint8(imgs, self.cfg.quantize)
+        vae = self.models.vae
+        per_call = max(1, VAE_DECODE_PIXEL_BYTES // (latents.shape[-2] * latents.shape[-1] * 64 * vae.dtype.itemsize))
+        imgs = [vae.decode(((1 / sf) * part).to(vae.dtype)).sample for part in latents.split(per_call)]
+        return to_uint8(torch.cat(imgs), self.cfg.quantize)
 
     def _invert(self, batches: list[torch.Tensor], inversion_prompt: str, sources: int) -> list[torch.Tensor]:
         """(steps, B, 4, h, w) for each batch of B clean latents of one size, the batches side by side
@@ -176,7 +193,7 @@ class Translator:
             self.models.unet,
             self.models.scheduler_config,
             batches,
-            self.embed([inversion_prompt]),
+            self.condition([inversion_prompt], batches[0].shape),
             self.cfg.inversion_steps,
             self.timesteps,
             self.models.prediction_type,
@@ -334,7 +351,7 @@ class Translator:
             fut.exception()  # waits; a failure was logged by _feature_written
 
     # -- the group ---------------------------------------------------------------------------
-    def _targets(self, rows: list[Row]) -> tuple[list[Target], list[str]]:
+    def _targets(self, rows: list[Row], latent_size: tuple[int, ...]) -> tuple[list[Target], list[str]]:
         cfg = self.cfg
         negs = []
         for r in rows:
@@ -342,8 +359,8 @@ class Translator:
                 negs.append(r.overrides.get("negative_prompt", r.source_prompt))
             else:
                 negs.append(r.overrides.get("negative_prompt", cfg.negative_prompt))
-        cond = self.embed([r.target_prompt for r in rows])
-        neg = self.embed(negs)
+        cond = self.condition([r.target_prompt for r in rows], latent_size)
+        neg = self.condition(negs, latent_size)
         alphas = (
             blend_alphas(cfg.negative_prompt_schedule, cfg.negative_prompt_alpha, cfg.steps)
             if cfg.negative_prompt_mode == "blend"
@@ -368,11 +385,11 @@ class Translator:
         """Images (K, H, W, 3) uint8 for rows sharing the source latents; targets split to fit memory."""
         per_target = 3 if self.cfg.negative_prompt_mode == "blend" else 2
         k_max = max(1, (self.max_batch - 1) // per_target)
-        uncond = self.embed([""])
+        uncond = self.condition([""], latents.shape)
         images, negs = [], []
         for start in range(0, len(rows), k_max):
             chunk = rows[start : start + k_max]
-            targets, chunk_negs = self._targets(chunk)
+            targets, chunk_negs = self._targets(chunk, latents.shape)
             out = pnp_sample(
                 self.models.unet,
                 self.injector,
