@@ -10,8 +10,10 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 S3_KEY_ID = "testing"
 S3_SECRET = "testing-secret-Zq8uX2vLw9"  # distinctive, so tests can assert it never leaks
@@ -170,3 +172,25 @@ def tiny_sdxl_models(tiny_sdxl_dir):
     from pnp_batch.models.load import load_models
 
     return load_models(load_config("tiny-sdxl", {"model": str(tiny_sdxl_dir), "device": "cpu"}))
+
+
+# -- evaluation (tests/eval): the random-weight metric models, loaded once, and seeded images --------------
+@pytest.fixture(scope="session")
+def metric_models():
+    """tiny-clip and tiny-dino on the CPU in fp32 (built into the pnp-batch cache on first use)."""
+    from pnp_batch.eval.models import load_metric_models
+
+    return load_metric_models("tiny-clip", "tiny-dino", device="cpu", dtype="auto")
+
+
+def _noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth random RGB image (low-frequency noise upsampled), so resizing keeps its structure."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(height // 8, 2), max(width // 8, 2), 3), dtype=np.uint8)
+    return Image.fromarray(small, "RGB").resize((width, height), Image.BILINEAR)
+
+
+@pytest.fixture
+def noise_image() -> Callable[..., Image.Image]:
+    """``noise_image(width, height, seed=0)``: a deterministic RGB test image made in memory."""
+    return _noise_image
