@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
-import tracemalloc
 import types
 
 import pyarrow as pa
@@ -220,18 +220,23 @@ def test_iter_rows_streams_in_batches(tmp_path) -> None:
     }
     uri = write_parquet(tmp_path / "big.parquet", data, row_group_size=10_000)
     del data
-    m = open_manifest(uri)
-    it = m.iter_rows(batch_rows=1000)
-    assert isinstance(it, types.GeneratorType)
-    tracemalloc.start()
-    try:
-        count = 0
-        for row in it:
-            count += 1
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert count == n and row.index == n - 1
+    assert isinstance(open_manifest(uri).iter_rows(batch_rows=1000), types.GeneratorType)
+    # Measured in a fresh interpreter: tracemalloc counts every thread's allocations, and threads that
+    # earlier tests left running (Ray's, a server's) would be counted in this process.
+    probe = (
+        "import sys, tracemalloc\n"
+        "from pnp_batch.io.manifest import open_manifest\n"
+        "it = open_manifest(sys.argv[1]).iter_rows(batch_rows=1000)\n"
+        "tracemalloc.start()\n"
+        "count = 0\n"
+        "for row in it:\n"
+        "    count += 1\n"
+        "print(count, row.index, tracemalloc.get_traced_memory()[1])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", probe, uri], check=False, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    count, last, peak = map(int, res.stdout.split())
+    assert count == n and last == n - 1
     table_bytes = pq.read_table(uri).nbytes
     assert peak < table_bytes / 4, (peak, table_bytes)
 
