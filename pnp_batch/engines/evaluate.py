@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pnp_batch.config import PipelineConfig, config_from_dict, with_overrides
-from pnp_batch.engines.base import Progress
+from pnp_batch.engines.progress import Progress
 from pnp_batch.errors import UsageError
 from pnp_batch.io import storage
 from pnp_batch.io.metrics import SCORE_SCHEMA, ScoreWriter, scored_keys

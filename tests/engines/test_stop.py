@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from pnp_batch.engines.base import Progress, _record
+from pnp_batch.engines.base import _record
+from pnp_batch.engines.progress import Progress
 from pnp_batch.engines.stop import GraceExpired, StopRequest
 
 
