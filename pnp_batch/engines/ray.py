@@ -219,8 +219,9 @@ class RayBackend:
             log.info("joined the Ray cluster at %s", req.ray_address)
         else:
             cpus = os.cpu_count() or 1
-            ray.init(num_cpus=cpus, include_dashboard=False, ignore_reinit_error=True, log_to_driver=True,
-                     object_store_memory=256 * 1024 * 1024)
+            # address="local": a new instance, as documented, even where another Ray runs on this machine
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, ignore_reinit_error=True,
+                     log_to_driver=True, object_store_memory=256 * 1024 * 1024)
             self.owns_ray = True
             log.info("started a local Ray instance (%d CPUs)", cpus)
         res = ray.cluster_resources()

@@ -38,7 +38,7 @@ def ray_session() -> Iterator[str]:
     if ray.is_initialized():
         yield ray.get_runtime_context().gcs_address
         return
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * MB, log_to_driver=True,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * MB, log_to_driver=True,
              configure_logging=False)
     try:
         yield ray.get_runtime_context().gcs_address

@@ -31,7 +31,7 @@ def ray_instance() -> Iterator[str]:
     if ray.is_initialized():
         yield ray.get_runtime_context().gcs_address
         return
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024,
              log_to_driver=True, configure_logging=False)
     try:
         yield ray.get_runtime_context().gcs_address

@@ -220,7 +220,7 @@ def local_ray():
     if ray.is_initialized():
         yield
         return
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024, configure_logging=False)
     try:
         yield
     finally:

@@ -105,7 +105,7 @@ def test_results_of_several_runs_read_as_one_table(tmp_path) -> None:
     assert union == [("q1", "b2"), ("q2", "b2")]
 
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=1, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
         got = ray.data.read_parquet(where).take_all()
     finally:
