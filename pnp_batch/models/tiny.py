@@ -142,22 +142,28 @@ def make_test_model(out_dir: str | os.PathLike, seed: int = TINY_SEED) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    # SD's own scheduler_config.json carries clip_sample=false for the DDIM scheduler built from it
+    # (DDIM's default is true); PNDMScheduler does not keep that key, so the file is written as SD has it.
+    return save_test_model(pipe, out, SD_SCHEDULER, ("tokenizer",), {"name": TINY_VERSION, "seed": seed})
+
+
+def save_test_model(pipe: Any, out: Path, scheduler: dict[str, Any], tokenizers: tuple[str, ...],
+                    marker: dict[str, Any]) -> Path:
+    """Save a built test pipeline as a diffusers folder, atomically (a temporary folder renamed into place):
+    the scheduler file with the model's own keys, the slow-tokenizer files that older transformers read,
+    and the marker file that says it is a test model."""
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    # SD's own scheduler_config.json carries clip_sample=false for the DDIM scheduler built from it
-    # (DDIM's default is true); PNDMScheduler does not keep that key, so write the file as SD has it.
     sched_json = tmp / "scheduler" / "scheduler_config.json"
     sched_cfg = json.loads(sched_json.read_text())
-    sched_cfg.update(SD_SCHEDULER)
+    sched_cfg.update(scheduler)
     sched_json.write_text(json.dumps(sched_cfg, indent=2, sort_keys=True) + "\n")
-    # Older transformers read the slow-tokenizer files; ship them beside tokenizer.json.
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copyfile(TOKENIZER_ASSETS / name, tmp / "tokenizer" / name)
-    (tmp / "PNP_BATCH_TEST_MODEL.json").write_text(
-        json.dumps({"name": TINY_VERSION, "seed": seed, "note": TEST_MODEL_NOTE}, indent=2) + "\n"
-    )
+    for sub in tokenizers:
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(TOKENIZER_ASSETS / name, tmp / sub / name)
+    (tmp / "PNP_BATCH_TEST_MODEL.json").write_text(json.dumps({**marker, "note": TEST_MODEL_NOTE}, indent=2) + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         shutil.rmtree(out)

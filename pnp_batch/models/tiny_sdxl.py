@@ -12,16 +12,14 @@ factor 0.13025 and its scheduler config.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pnp_batch.models.tiny import TEST_MODEL_NOTE, TOKENIZER_ASSETS, cache_dir, sd_vae
+from pnp_batch.models.tiny import TOKENIZER_ASSETS, cache_dir, save_test_model, sd_vae
 
 log = logging.getLogger(__name__)
 
@@ -132,25 +130,9 @@ def make_tiny_sdxl(out_dir: str | os.PathLike, seed: int = TINY_SDXL_SEED) -> Pa
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    sched_json = tmp / "scheduler" / "scheduler_config.json"  # as SDXL's own file has it
-    sched_cfg = json.loads(sched_json.read_text())
-    sched_cfg.update(SDXL_SCHEDULER)
-    sched_json.write_text(json.dumps(sched_cfg, indent=2, sort_keys=True) + "\n")
-    for sub in ("tokenizer", "tokenizer_2"):  # older transformers read the slow-tokenizer files
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copyfile(TOKENIZER_ASSETS / name, tmp / sub / name)
-    (tmp / "PNP_BATCH_TEST_MODEL.json").write_text(
-        json.dumps({"name": TINY_SDXL_VERSION, "seed": seed, "note": TEST_MODEL_NOTE}, indent=2) + "\n"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    # the scheduler file as SDXL's own has it
+    return save_test_model(pipe, out, SDXL_SCHEDULER, ("tokenizer", "tokenizer_2"),
+                           {"name": TINY_SDXL_VERSION, "seed": seed})
 
 
 def _builder_hash() -> str:
