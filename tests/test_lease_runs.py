@@ -175,7 +175,10 @@ def test_a_run_whose_lease_is_taken_over_stops(tmp_path, tiny_model_dir):
 
     thief = threading.Thread(target=take_over)
     thief.start()
-    code = main(["run", str(manifest), "--out", out, *FAST, "--no-report", "--lease-ttl", "3"])
+    # 50 steps: the run must outlast the heartbeat (1 s at a 3 s TTL) that notices the takeover, even on a
+    # quiet machine where the FAST settings finish every row within a second
+    code = main(["run", str(manifest), "--out", out, *FAST, "--set", "steps=50", "--set", "inversion_steps=50",
+                 "--no-report", "--lease-ttl", "3"])
     thief.join(10)
     assert code == 1
     (summary,) = read_run_summaries(out)
