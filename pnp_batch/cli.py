@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="redo rows already done")
     r.add_argument("--dry-run", action="store_true", help="validate and plan; load no model")
     r.add_argument("--no-report", action="store_true", help="skip the contact sheet")
+    r.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="expand every row into a grid over this key's values (repeatable; e.g. "
+                   "--sweep pnp_f_t=0.4,0.6,0.8); see docs/sweeps.md")
+    r.add_argument("--yes", action="store_true", help="run a sweep of more than 10,000 settings per row")
     r.add_argument("--fallback-pipeline", default=None, metavar="NAME",
                    help="if the pipeline's model cannot be loaded here (no weights, no hub), say so and run this "
                    "pipeline instead (the README's demo uses 'tiny')")
@@ -57,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--check-images", action="store_true", help="also open every image")
     v.add_argument("--max-pixels", type=int, default=64_000_000)
     v.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+
+    rp = sub.add_parser("report", help="write the trade-off plot and the sweep contact sheet of an output")
+    rp.add_argument("out")
+    rp.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
 
     s = sub.add_parser("status", help="done / failed / pending counts of an output")
     s.add_argument("out")
@@ -137,14 +145,19 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise UsageError("--workers must be >= 1")
     if a.gpus_per_worker is not None and a.gpus_per_worker < 0:
         raise UsageError("--gpus-per-worker must be >= 0")
+    from pnp_batch.io.sweep import parse_sweeps
+
+    sweep = parse_sweeps(a.sweep, cfg, yes=a.yes)
     req = RunRequest(
         manifest=a.manifest, out=a.out, cfg=cfg, features=a.features, limit=a.limit, overwrite=a.overwrite,
         dry_run=a.dry_run, engine=a.engine, ray_address=a.ray_address, workers=a.workers,
-        gpus_per_worker=a.gpus_per_worker, report=not a.no_report, storage_options=opts,
+        gpus_per_worker=a.gpus_per_worker, report=not a.no_report, storage_options=opts, sweep=sweep,
     )
     if a.dry_run:
         _, _, p = plan(req)
         print(f"manifest: {a.manifest}\nrows: {p.total}\nalready done: {p.done_before}\nto do: {p.todo}")
+        if sweep is not None:
+            print(f"sweep: {sweep.describe()}")
         print(f"pipeline: {cfg.name} (config {cfg.hash()}), model {cfg.model}, steps {cfg.steps}, "
               f"inversion_steps {cfg.inversion_steps}")
         print(f"output: {a.out}\nfeatures: {req.features_uri}\nengine: {a.engine}")
@@ -181,6 +194,19 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from pnp_batch.config import PipelineConfig
+    from pnp_batch.report.write import write_sweep_reports
+
+    _storage(a.storage_option)
+    written = write_sweep_reports(a.out, PipelineConfig(), "report", sweep=True)
+    if not written:
+        print(f"nothing to report in {a.out}: no sweep results and no scores")
+    for uri in written:
+        print(uri)
+    return 0
+
+
 def cmd_make_test_model(a: argparse.Namespace) -> int:
     from pnp_batch.models.tiny import make_test_model
 
@@ -199,6 +225,7 @@ VERBS = {
     "run": cmd_run,
     "validate": cmd_validate,
     "status": cmd_status,
+    "report": cmd_report,
     "make-test-model": cmd_make_test_model,
     "bench": cmd_bench,
 }

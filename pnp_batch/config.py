@@ -26,6 +26,13 @@ QUANTIZE = ("round", "floor")
 INVERSION_KEYS = ("resolution", "resize_mode", "inversion_steps", "inversion_prompt", "steps")
 # Keys a manifest row may override for that row alone.
 ROW_OVERRIDES = ("negative_prompt", "seed", "guidance_scale", "pnp_f_t", "pnp_attn_t")
+# Injection layers (PNP_SPEC.md §4): None = the architecture's table; a tuple of module paths otherwise.
+LAYER_KEYS = ("pnp_feature_blocks", "pnp_attn_layers")
+# Keys a sweep may set per row although rows differing in them cannot share a UNet batch: such rows
+# form separate groups of the same source (one inversion still: the feature store shares it).
+GROUP_KEYS = ("negative_prompt_mode", *LAYER_KEYS)
+# SD 1.x/2.x decoder layer n (the paper's numbering, 0-11) is up_blocks[n // 3], layer n % 3 of it.
+DECODER_LAYERS = 12
 
 
 class ConfigError(UsageError, ValueError):
@@ -52,6 +59,8 @@ class PipelineConfig:
     negative_prompt_schedule: str = "linear"
     pnp_f_t: float = 0.8
     pnp_attn_t: float = 0.5
+    pnp_feature_blocks: tuple[str, ...] | None = None
+    pnp_attn_layers: tuple[str, ...] | None = None
     seed: int = 1
     output_format: str = "png"
     quantize: str = "round"
@@ -66,6 +75,10 @@ class PipelineConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        for key in LAYER_KEYS:  # lists, aliases and presets become the canonical tuple of module paths
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, parse_layers(key, value))
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +90,9 @@ class PipelineConfig:
         for k in ("name", "device", "batch_size", "inversion_batch", "inversion_streams", "compile", "channels_last",
                   "cuda_graphs", "cudnn_benchmark", "max_pixels"):
             d.pop(k, None)
+        for k in LAYER_KEYS:  # part of the hash only when set: outputs made before these keys keep theirs
+            if d.get(k) is None:
+                d.pop(k, None)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -174,10 +190,76 @@ def validate(cfg: PipelineConfig) -> None:
 _FIELDS = {f.name: f for f in fields(PipelineConfig)}
 
 
+def layer_names(key: str) -> list[str]:
+    """The valid injection layers of SD 1.x/2.x for `key`, in decoder order (index = the paper's decoder
+    layer number for attention; feature blocks: every decoder resnet, numbered alike)."""
+    if key == "pnp_feature_blocks":
+        return [f"up_blocks.{n // 3}.resnets.{n % 3}" for n in range(DECODER_LAYERS)]
+    if key == "pnp_attn_layers":  # up_blocks.0 has no attention: decoder layers 3-11
+        return [f"up_blocks.{n // 3}.attentions.{n % 3}.transformer_blocks.0.attn1" for n in range(3, DECODER_LAYERS)]
+    raise ConfigError(f"{key!r} is not an injection-layer key ({', '.join(LAYER_KEYS)})")
+
+
+def _layer_numbers(item: str, key: str) -> list[int] | None:
+    """'7' -> [7]; '4-11' -> [4, ..., 11]; anything else None (a module path)."""
+    a, sep, b = item.partition("-")
+    if a.isdigit() and (not sep or b.isdigit()):
+        lo, hi = int(a), int(b) if sep else int(a)
+        if lo > hi:
+            raise ConfigError(f"{key}: range {item!r} runs backwards")
+        return list(range(lo, hi + 1))
+    return None
+
+
+def parse_layers(key: str, value: Any) -> tuple[str, ...] | None:
+    """A layer setting as the canonical tuple of module paths (decoder order, no repeats), or None for
+    the architecture's own table (PNP_SPEC.md §4). Accepted: `default`; `none` (no injection of this
+    kind); a list, or a string of `;`-separated items, each a module path (`up_blocks.1.resnets.1`),
+    a decoder layer number (`4`) or an inclusive range of them (`4-11`)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "default"):
+        return None
+    if isinstance(value, str):
+        items: list[Any] = [v.strip() for v in value.split(";")]
+        if value.strip().lower() == "none":
+            items = []
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    else:
+        raise ConfigError(f"{key}={value!r} must be a list of layers, a ';'-separated string, 'default' or 'none'")
+    valid = layer_names(key)
+    offset = 3 if key == "pnp_attn_layers" else 0
+    chosen: set[str] = set()
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            raise ConfigError(f"{key}={value!r} has an empty item")
+        numbers = _layer_numbers(text, key)
+        names = [valid[n - offset] if 0 <= n - offset < len(valid) else f"#{n}" for n in numbers] \
+            if numbers is not None else [text]
+        unknown = [n for n in names if n not in valid]
+        if unknown:
+            nums = f"{offset}-{DECODER_LAYERS - 1}"
+            raise ConfigError(
+                f"{key}: unknown layer {text!r}; valid: decoder layer numbers {nums} (ranges like 4-11), "
+                f"'default', 'none', or the module paths {', '.join(valid)}"
+            )
+        chosen.update(names)
+    return tuple(n for n in valid if n in chosen)
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Turn a YAML/--set value into the field's type; strings from --set are parsed as YAML."""
     if key not in _FIELDS:
         raise ConfigError(f"unknown pipeline key {key!r}; known keys: {', '.join(sorted(_FIELDS))}")
+    if key in LAYER_KEYS:
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{key}={value!r} is not a valid list: {e}") from e
+        return parse_layers(key, value)
     if isinstance(value, str) and key not in ("model", "revision", "inversion_prompt", "negative_prompt", "name"):
         try:
             value = yaml.safe_load(value) if value != "" else value

@@ -16,7 +16,8 @@ from pnp_batch.config import PipelineConfig
 from pnp_batch.io import storage
 from pnp_batch.io.manifest import Manifest, Row, group_rows, open_manifest
 from pnp_batch.io.results import ResultWriter, latest_results, load_latest, make_run_id, write_run_summary
-from pnp_batch.report.write import write_report
+from pnp_batch.io.sweep import Sweep, SweptManifest
+from pnp_batch.report.write import write_report, write_sweep_reports
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,26 @@ class RunRequest:
     group_window: int = 256
     report: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)
+    sweep: Sweep | None = None
 
     @property
     def features_uri(self) -> str:
         return self.features or storage.join(self.out, "features")
+
+    @property
+    def grid(self) -> int:
+        """Rows per manifest row: the sweep's settings, or 1."""
+        return self.sweep.size if self.sweep is not None else 1
+
+    @property
+    def row_limit(self) -> int | None:
+        """--limit counts manifest rows; with a sweep each of them is `grid` rows."""
+        return None if self.limit is None else self.limit * self.grid
+
+    @property
+    def window_rows(self) -> int:
+        """Rows grouped at once: a whole number of grids, so a source's grid is never cut in two."""
+        return self.grid * max(1, -(-self.group_window // self.grid))
 
 
 class Backend(Protocol):
@@ -120,7 +137,7 @@ def work_groups(manifest: Manifest, done: dict[str, str], req: RunRequest,
     depend on the batch it is sampled in, so a row redone after a failure or a crash must share its
     batch with the same rows as before to get the bytes an uninterrupted run gives it (CONTRACT).
     """
-    for group in group_rows(manifest.iter_rows(limit=req.limit), window=req.group_window):
+    for group in group_rows(manifest.iter_rows(limit=req.row_limit), window=req.window_rows):
         if req.overwrite:
             yield group
             continue
@@ -146,12 +163,19 @@ def windows(groups: Iterator[list[Row]], size: int) -> Iterator[list[list[Row]]]
         yield window
 
 
+def open_run_manifest(req: RunRequest) -> Manifest | SweptManifest:
+    """The manifest, expanded into the sweep's grid when there is one."""
+    manifest = open_manifest(req.manifest)
+    return SweptManifest(manifest, req.sweep) if req.sweep is not None else manifest
+
+
 def plan(req: RunRequest) -> tuple[Manifest, dict[str, str], Plan]:
     """Open and check the manifest (exit 2 on failure), read the done-index, count the work."""
-    manifest = open_manifest(req.manifest)
+    manifest = open_run_manifest(req)
     total = manifest.check_ids()
-    if req.limit is not None:
-        total = min(total, req.limit)
+    limit = req.row_limit
+    if limit is not None:
+        total = min(total, limit)
     done = {} if req.overwrite else load_latest(req.out)
     if done:
         _warn_other_config(req)
@@ -159,7 +183,7 @@ def plan(req: RunRequest) -> tuple[Manifest, dict[str, str], Plan]:
     todo = sum(
         1
         for index, row_id in manifest.iter_ids()
-        if (req.limit is None or index < req.limit) and (req.overwrite or done.get(row_id) != "ok")
+        if (limit is None or index < limit) and (req.overwrite or done.get(row_id) != "ok")
     )
     return manifest, done, Plan(total=total, done_before=total - todo, todo=todo)
 
@@ -239,6 +263,11 @@ def execute(req: RunRequest, backend: Backend) -> int:
             write_report(req.out, req.cfg, run_id, sample)
         except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
             log.warning("could not write the contact sheet: %s", storage.redact(str(e)))
+    if req.report:
+        try:  # the sweep's contact sheet, and the trade-off plot where scores exist
+            write_sweep_reports(req.out, req.cfg, run_id, sweep=req.sweep is not None)
+        except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
+            log.warning("could not write the sweep report: %s", storage.redact(str(e)))
     failed = counts.get("failed", 0)
     log.info("run %s finished: %d ok, %d failed, %d done before", run_id, counts["ok"], failed, p.done_before)
     if counts["companions"]:
@@ -275,6 +304,7 @@ def _summary(req: RunRequest, manifest_uri: str, run_id: str, started: datetime,
         "result_files": getattr(writer, "files_written", None),
         "stats": stats,
         "versions": versions(),
-        "options": {"limit": req.limit, "overwrite": req.overwrite, "workers": req.workers},
+        "options": {"limit": req.limit, "overwrite": req.overwrite, "workers": req.workers,
+                    "sweep": req.sweep.to_items() if req.sweep is not None else None},
     }
     write_run_summary(req.out, run_id, summary)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pnp_batch.config import PipelineConfig, generation_timesteps
+from pnp_batch.config import ConfigError, PipelineConfig, generation_timesteps
 from pnp_batch.errors import RowError
 from pnp_batch.io import storage
 from pnp_batch.io.features import FeatureStore, feature_key
@@ -24,8 +24,9 @@ from pnp_batch.io.records import resolve, row_record
 from pnp_batch.io.rows import Row
 from pnp_batch.models.load import Models, load_models
 from pnp_batch.models.tiny import TEST_MODEL_NOTE
-from pnp_batch.pnp.graphs import GraphedUNet
+from pnp_batch.pnp.graphs import GraphedUNet, base_unet
 from pnp_batch.pnp.injection import PnPInjector
+from pnp_batch.pnp.layers import InjectionPoints, injection_points
 from pnp_batch.pnp.inversion import ddim_invert_many
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
 from pnp_batch.translate.outputs import output_uri, to_uint8
@@ -62,7 +63,9 @@ class Translator:
         self.features = FeatureStore(features_uri or storage.join(out_uri, "features"))
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
         self.models = models or load_models(cfg)
-        self.injector = PnPInjector(self.models.unet)
+        self._points: dict[tuple, InjectionPoints] = {}
+        self.points = self.injection_points(cfg.pnp_feature_blocks, cfg.pnp_attn_layers)
+        self.injector = PnPInjector(self.models.unet, self.points)
         self.counters = Counters()
         self.timesteps = generation_timesteps(cfg.steps)
         self._emb: dict[str, torch.Tensor] = {}
@@ -102,6 +105,37 @@ class Translator:
                 self.models.unet = GraphedUNet(self.models.unet, self.injector.controller)
             else:
                 log.info("cuda_graphs applies to CUDA devices only; the UNet on %s runs eagerly", self.models.device)
+
+    # -- injection layers ---------------------------------------------------------------------
+    def injection_points(self, feature_blocks: tuple[str, ...] | None,
+                         attn_layers: tuple[str, ...] | None) -> InjectionPoints:
+        """The injection points for a layer setting (None: the architecture's table), checked against
+        this UNet: an unknown name is a ConfigError (exit 2) listing the valid ones."""
+        key = (feature_blocks, attn_layers)
+        if key not in self._points:
+            try:
+                self._points[key] = injection_points(base_unet(self.models.unet), feature_blocks, attn_layers)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        return self._points[key]
+
+    def row_points(self, row: Row) -> InjectionPoints:
+        """The injection points of a row: its own layer setting (a sweep's) or the pipeline's."""
+        o = row.overrides
+        return self.injection_points(o.get("pnp_feature_blocks", self.cfg.pnp_feature_blocks),
+                                     o.get("pnp_attn_layers", self.cfg.pnp_attn_layers))
+
+    def use_points(self, points: InjectionPoints) -> None:
+        """Install the injector for `points` in place of the current one (a group with another layer
+        setting). With CUDA graphs, each layer setting keeps its own set of graphs (GraphedUNet.use):
+        a graph records the processors and hooks installed when it was captured."""
+        if points == self.injector.points:
+            return
+        self.injector.remove()
+        self.injector = PnPInjector(base_unet(self.models.unet), points)
+        if isinstance(self.models.unet, GraphedUNet):
+            name = "pnp" if points == self.points else f"pnp:{hash(points)}"
+            self.models.unet.use(name, self.injector.controller)
 
     @property
     def window(self) -> int:
@@ -202,11 +236,17 @@ class Translator:
         latents; tests/test_gpu.py checks a GPU)."""
         results: list[Any] = [None] * len(sources)
         todo: dict[tuple, list[tuple[int, str, str, Any, torch.Tensor]]] = {}
+        seen_keys: dict[str, int] = {}  # feature key -> the first source with it here
+        same: list[tuple[int, int]] = []  # (source, earlier source with the same features): one inversion
         for i, (data, prompt) in enumerate(sources):
             t0 = time.perf_counter()
             try:
                 sha = self._sha256(data)
                 key = self._key(sha, prompt)
+                if key in seen_keys:  # e.g. groups of one source with different sweep settings
+                    same.append((i, seen_keys[key]))
+                    continue
+                seen_keys[key] = i
                 writing = self._feature_writes.get(key)
                 if writing is not None:
                     hit = (writing[0], None)
@@ -251,6 +291,10 @@ class Translator:
                                 "timesteps": self.timesteps, "width": size[0], "height": size[1]}
                         self._store_features(key, lat, meta)
                         results[i] = (lat, key, False, seconds)
+        for i, j in same:
+            results[i] = results[j] if isinstance(results[j], Exception) else (results[j][0], results[j][1], True, 0.0)
+            if not isinstance(results[j], Exception):
+                self.counters.cache_hits += 1
         return results
 
     def _sha256(self, data: bytes) -> str:
@@ -316,11 +360,16 @@ class Translator:
             fut.exception()  # waits; a failure was logged by _feature_written
 
     # -- the group ---------------------------------------------------------------------------
+    def _negative_mode(self, rows: list[Row]) -> str:
+        """The group's negative-prompt mode: a sweep's (the same for every row of a group) or the pipeline's."""
+        return rows[0].overrides.get("negative_prompt_mode", self.cfg.negative_prompt_mode)
+
     def _targets(self, rows: list[Row]) -> tuple[list[Target], list[str]]:
         cfg = self.cfg
+        mode = self._negative_mode(rows)
         negs = []
         for r in rows:
-            if cfg.negative_prompt_mode == "source":
+            if mode == "source":
                 negs.append(r.overrides.get("negative_prompt", r.source_prompt))
             else:
                 negs.append(r.overrides.get("negative_prompt", cfg.negative_prompt))
@@ -328,7 +377,7 @@ class Translator:
         neg = self.embed(negs)
         alphas = (
             blend_alphas(cfg.negative_prompt_schedule, cfg.negative_prompt_alpha, cfg.steps)
-            if cfg.negative_prompt_mode == "blend"
+            if mode == "blend"
             else None
         )
         targets = []
@@ -347,8 +396,10 @@ class Translator:
         return targets, negs
 
     def translate(self, latents: torch.Tensor, rows: list[Row]) -> tuple[np.ndarray, list[str]]:
-        """Images (K, H, W, 3) uint8 for rows sharing the source latents; targets split to fit memory."""
-        per_target = 3 if self.cfg.negative_prompt_mode == "blend" else 2
+        """Images (K, H, W, 3) uint8 for rows sharing the source latents; targets split to fit memory.
+        The rows are one group: one negative-prompt mode and one layer setting (Row.batch_key)."""
+        self.use_points(self.row_points(rows[0]))
+        per_target = 3 if self._negative_mode(rows) == "blend" else 2
         k_max = max(1, (self.max_batch - 1) // per_target)
         uncond = self.embed([""])
         images, negs = [], []
