@@ -195,11 +195,10 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from pnp_batch.config import PipelineConfig
     from pnp_batch.report.write import write_sweep_reports
 
     _storage(a.storage_option)
-    written = write_sweep_reports(a.out, PipelineConfig(), "report", sweep=True)
+    written = write_sweep_reports(a.out)
     if not written:
         print(f"nothing to report in {a.out}: no sweep results and no scores")
     for uri in written:

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from pnp_batch.config import GROUP_KEYS, LAYER_KEYS, ROW_OVERRIDES, ConfigError, PipelineConfig, parse_layers
 from pnp_batch.errors import UsageError
-from pnp_batch.io.manifest import ManifestError, Manifest
+from pnp_batch.io.manifest import Manifest, ManifestError
 from pnp_batch.io.rows import Row
 
 SWEEP_KEYS = (*ROW_OVERRIDES, *GROUP_KEYS)

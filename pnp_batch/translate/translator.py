@@ -26,8 +26,8 @@ from pnp_batch.models.load import Models, load_models
 from pnp_batch.models.tiny import TEST_MODEL_NOTE
 from pnp_batch.pnp.graphs import GraphedUNet, base_unet
 from pnp_batch.pnp.injection import PnPInjector
-from pnp_batch.pnp.layers import InjectionPoints, injection_points
 from pnp_batch.pnp.inversion import ddim_invert_many
+from pnp_batch.pnp.layers import InjectionPoints, injection_points
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
 from pnp_batch.translate.outputs import output_uri, to_uint8
 from pnp_batch.translate.sizing import auto_batch_size
