@@ -396,31 +396,29 @@ class Translator:
         return targets, negs
 
     def translate(self, latents: torch.Tensor, rows: list[Row]) -> tuple[np.ndarray, list[str]]:
-        """Images (K, H, W, 3) uint8 for rows sharing the source latents; targets split to fit memory.
-        The rows are one group: one negative-prompt mode and one layer setting (Row.batch_key)."""
+        """Images (K, H, W, 3) uint8 for rows sharing the source latents. The rows are one group: one
+        negative-prompt mode and one layer setting (Row.batch_key). All K targets are sampled in one
+        loop with ONE source branch per step: when they need more than `batch_size` elements, the
+        sampler splits each step into several UNet calls and the later calls reuse the source features
+        the first one recorded (a sweep's whole grid costs one source branch). Decoding goes in chunks."""
         self.use_points(self.row_points(rows[0]))
         per_target = 3 if self._negative_mode(rows) == "blend" else 2
         k_max = max(1, (self.max_batch - 1) // per_target)
-        uncond = self.embed([""])
-        images, negs = [], []
-        for start in range(0, len(rows), k_max):
-            chunk = rows[start : start + k_max]
-            targets, chunk_negs = self._targets(chunk)
-            out = pnp_sample(
-                self.models.unet,
-                self.injector,
-                self.models.scheduler_config,
-                latents,
-                uncond,
-                targets,
-                self.cfg.steps,
-                self.max_batch,
-            )
-            self.counters.sample_calls += out.unet_calls
-            self.counters.sample_elements += out.batch_elements
-            self.counters.source_elements += out.source_elements
-            images.append(self.decode(out.latents))
-            negs += chunk_negs
+        targets, negs = self._targets(rows)
+        out = pnp_sample(
+            self.models.unet,
+            self.injector,
+            self.models.scheduler_config,
+            latents,
+            self.embed([""]),
+            targets,
+            self.cfg.steps,
+            self.max_batch,
+        )
+        self.counters.sample_calls += out.unet_calls
+        self.counters.sample_elements += out.batch_elements
+        self.counters.source_elements += out.source_elements
+        images = [self.decode(out.latents[start : start + k_max]) for start in range(0, len(rows), k_max)]
         return np.concatenate(images), negs
 
     def process(self, rows: list[Row], attempt: int = 1) -> list[dict[str, Any]]:
