@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--inversion-streams", type=int, default=1,
                    help="inversion calls run side by side on CUDA streams (pipeline key inversion_streams)")
     b.add_argument("--json", default=None, help="write the figures as JSON here")
+    b.add_argument("--repeats", type=int, default=None,
+                   help="time every path this many times, interleaved; report medians and [min..max] (default 3)")
+    b.add_argument("--sweep-resolution", type=int, default=None,
+                   help="resolution of the sweep_vs_floor_elements count (default: the bench's; 64 for a "
+                   "full-size UNet on a CPU)")
     b.add_argument("--data", action="store_true", help="also run the data-plane benchmarks")
     return p
 
