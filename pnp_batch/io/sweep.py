@@ -56,7 +56,7 @@ class Sweep:
 
     def describe(self) -> str:
         parts = " x ".join(f"{k} ({len(v)})" for k, v in zip(self.keys, self.values))
-        return f"{self.size} settings per row: {parts}"
+        return f"{self.size:,} settings per row: {parts}"
 
     def to_items(self) -> list[str]:
         """The sweep as --sweep arguments (for the run summary; parse_sweeps reads them back)."""
