@@ -52,7 +52,7 @@ def tradeoff_png(points: list[SettingScores], title: str = "PnP trade-off", dpi:
     pts = [p for p in points if p.structure and p.clip]
     if not pts:
         raise ValueError("no setting has scores to plot")
-    fig = Figure(figsize=(8.5, 6.0), dpi=dpi, layout="constrained")
+    fig = Figure(figsize=(12.0, 6.5), dpi=dpi, layout="constrained")
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["tab10" if len(pts) <= 10 else "tab20"]
     for i, p in enumerate(pts):
@@ -63,9 +63,12 @@ def tradeoff_png(points: list[SettingScores], title: str = "PnP trade-off", dpi:
         yerr = [[max(y - s["clip_score_q25"], 0.0)], [max(s["clip_score_q75"] - y, 0.0)]]
         color = cmap(i % cmap.N)
         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=color, ecolor=color, elinewidth=1,
-                    capsize=3, markersize=6, alpha=0.9)
-        ax.annotate(f"{p.label} (n={s['count']})", (x, y), xytext=(5, 5), textcoords="offset points",
-                    fontsize=7, color=color)
+                    capsize=3, markersize=6, alpha=0.85, label=f"{i + 1}: {p.label} (n={s['count']})")
+        # the number beside the point; the legend names the setting (full labels would overlap)
+        ax.annotate(str(i + 1), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8,
+                    color=color, fontweight="bold")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False,
+              title="setting", title_fontsize=8, ncols=1 if len(pts) <= 24 else 2)
     ax.set_xlabel("structure_dist (mean; DINO self-similarity distance, lower = structure kept)")
     ax.set_ylabel("clip_score (mean; text fidelity, higher = closer to the target prompt)")
     ax.set_title(title, fontsize=10)
