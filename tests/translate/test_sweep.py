@@ -92,7 +92,8 @@ def test_a_grid_point_equals_a_plain_run_of_its_row_and_the_grid_costs_one_inver
 def test_layer_settings_change_the_image_and_the_default_equals_the_spec_list_bit_for_bit(translator, source_latents):
     tr = translator("layers")
     latents = source_latents
-    base = dict(index=0, id="r", image=None, image_bytes=None, source_prompt="a photo", target_prompt="a cat")
+    base = {"index": 0, "id": "r", "image": None, "image_bytes": None, "source_prompt": "a photo",
+            "target_prompt": "a cat"}
 
     def image(**overrides) -> np.ndarray:
         images, _ = tr.translate(latents, [Row(**base, overrides=overrides)])
@@ -144,7 +145,8 @@ def test_each_layer_setting_keeps_its_own_cuda_graphs(tmp_path, tiny_models, sou
     tr = Translator(_cfg(), str(tmp_path / "g"), models=models, worker="g")
     models.unet = GraphedUNet(tiny_models.unet, tr.injector.controller, backend)
     try:
-        row = dict(index=0, id="r", image=None, image_bytes=None, source_prompt="a photo", target_prompt="a cat")
+        row = {"index": 0, "id": "r", "image": None, "image_bytes": None, "source_prompt": "a photo",
+               "target_prompt": "a cat"}
         tr.translate(source_latents, [Row(**row)])
         first = backend.captures
         assert first > 0 and set(models.unet._sets) == {"pnp"}
