@@ -265,7 +265,7 @@ def execute(req: RunRequest, backend: Backend) -> int:
             log.warning("could not write the contact sheet: %s", storage.redact(str(e)))
     if req.report:
         try:  # the sweep's contact sheet, and the trade-off plot where scores exist
-            write_sweep_reports(req.out, req.cfg.max_pixels)
+            write_sweep_reports(req.out, req.cfg.max_pixels, sheet=req.sweep is not None)
         except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
             log.warning("could not write the sweep report: %s", storage.redact(str(e)))
     failed = counts.get("failed", 0)

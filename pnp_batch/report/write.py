@@ -181,6 +181,7 @@ def write_tradeoff(out: str) -> str | None:
     return uri
 
 
-def write_sweep_reports(out: str, max_pixels: int = 64_000_000) -> list[str]:
-    """The sweep contact sheet (sweep outputs) and the trade-off plot (scored outputs) of OUT."""
-    return [u for u in (write_sweep_sheet(out, max_pixels), write_tradeoff(out)) if u]
+def write_sweep_reports(out: str, max_pixels: int = 64_000_000, sheet: bool = True) -> list[str]:
+    """The sweep contact sheet (outputs with sweep rows; `sheet=False` skips looking for them) and the
+    trade-off plot (scored outputs) of OUT."""
+    return [u for u in (write_sweep_sheet(out, max_pixels) if sheet else None, write_tradeoff(out)) if u]
