@@ -34,6 +34,11 @@ from pnp_batch.translate.sizing import auto_batch_size
 
 log = logging.getLogger(__name__)
 
+# Targets sampled in one loop with one source branch (a sweep's grid); a bigger group runs in loops of
+# this many, each with its own source branch (1 element per step in 2 x 256: nothing), so the latents
+# held stay bounded whatever the grid.
+MAX_TARGETS_PER_LOOP = 256
+
 @dataclass
 class Counters:
     """UNet work done by this translator, counted in calls and batch elements."""
@@ -404,21 +409,25 @@ class Translator:
         self.use_points(self.row_points(rows[0]))
         per_target = 3 if self._negative_mode(rows) == "blend" else 2
         k_max = max(1, (self.max_batch - 1) // per_target)
-        targets, negs = self._targets(rows)
-        out = pnp_sample(
-            self.models.unet,
-            self.injector,
-            self.models.scheduler_config,
-            latents,
-            self.embed([""]),
-            targets,
-            self.cfg.steps,
-            self.max_batch,
-        )
-        self.counters.sample_calls += out.unet_calls
-        self.counters.sample_elements += out.batch_elements
-        self.counters.source_elements += out.source_elements
-        images = [self.decode(out.latents[start : start + k_max]) for start in range(0, len(rows), k_max)]
+        images, negs = [], []
+        for first in range(0, len(rows), MAX_TARGETS_PER_LOOP):  # bounds the latents held (huge grids)
+            chunk = rows[first : first + MAX_TARGETS_PER_LOOP]
+            targets, chunk_negs = self._targets(chunk)
+            out = pnp_sample(
+                self.models.unet,
+                self.injector,
+                self.models.scheduler_config,
+                latents,
+                self.embed([""]),
+                targets,
+                self.cfg.steps,
+                self.max_batch,
+            )
+            self.counters.sample_calls += out.unet_calls
+            self.counters.sample_elements += out.batch_elements
+            self.counters.source_elements += out.source_elements
+            images += [self.decode(out.latents[start : start + k_max]) for start in range(0, len(chunk), k_max)]
+            negs += chunk_negs
         return np.concatenate(images), negs
 
     def process(self, rows: list[Row], attempt: int = 1) -> list[dict[str, Any]]:
