@@ -191,6 +191,7 @@ class SweptManifest:
                 yield index * self.size + g, derived_id(rid, g, self.size)
 
     def check_ids(self) -> int:
-        """Expanded row count; duplicate manifest ids are a ManifestError (derived ids of distinct ids
-        differ: the suffix parses back unambiguously, and shortened ids carry a hash of the whole id)."""
+        """Expanded row count; duplicate manifest ids are a ManifestError. Derived ids of distinct ids
+        differ: `.s{digits}` parses back unambiguously, and a shortened id carries 10 hex chars of the
+        whole id's sha256 (only a manifest id spelled exactly like another's shortened form could meet it)."""
         return self.manifest.check_ids() * self.size
