@@ -130,6 +130,9 @@ def test_cli_bad_sweep_exits_2_and_writes_nothing(tmp_path, make_png, capsys):
     assert "pnp_f_t=2.0 must be a number from 0 to 1" in capsys.readouterr().err
     assert main(["run", uri, "--out", str(out), "--pipeline", "tiny", "--sweep", "colour=red"]) == 2
     assert "unknown key 'colour'" in capsys.readouterr().err
+    assert main(["run", uri, "--out", str(out), "--pipeline", "tiny", "--set", "pnp_attn_layers=up_blocks.9"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown layer 'up_blocks.9'" in err and "up_blocks.3.attentions.2.transformer_blocks.0.attn1" in err
     assert not out.exists()
 
 
