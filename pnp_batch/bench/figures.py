@@ -203,11 +203,10 @@ def format_table(out: dict[str, Any]) -> str:
             f"  K={k}: default vs reference {_x(pk['default_vs_reference'])} {_range(sk.get('default_vs_reference'), _x)} "
             f"measured, {_x(pk['default_vs_reference_at_999'])} @999, {_x(pk['default_vs_reference_at_spec'])} @spec "
             f"({_x(pk['default_vs_reference_elements'])} in batch elements); injection overhead "
-            f"{_pct(pk['injection_overhead'])} (sampling phase vs floor"
-            + (", fastest of each call over the repeats" if pk.get("injection_overhead_fastest_calls") is not None
-               else "") + "; median of paired repeats "
-            f"{_pct(pk.get('injection_overhead_paired', pk['injection_overhead']))} "
-            f"{_range(sk.get('injection_overhead'), _pct)}); "
+            f"{_pct(pk['injection_overhead'])} {_range(sk.get('injection_overhead'), _pct)} (sampling phase vs "
+            f"floor, median of paired repeats"
+            + (f"; fastest of each call {_pct(pk['injection_overhead_fastest_calls'])}"
+               if pk.get("injection_overhead_fastest_calls") is not None else "") + "); "
             f"warm vs cold {_x(pk['warm_vs_cold'])} {_range(sk.get('warm_vs_cold'), _x)}"
         )
     lines.append(f"  images per minute (default, K={out['images_per_minute_k']}): {out['images_per_minute']:.2f} "
