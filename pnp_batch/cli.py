@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval", action="store_true",
                    help="score each row in the worker right after decoding (CLIP score, structure distance) "
                    "into OUT/eval/; the metric models are the keys eval_clip_model / eval_dino_model")
+    r.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="expand every row into a grid over this key's values (repeatable; e.g. "
+                   "--sweep pnp_f_t=0.4,0.6,0.8); see docs/sweeps.md")
+    r.add_argument("--yes", action="store_true", help="run a sweep of more than 10,000 settings per row")
     r.add_argument("--fallback-pipeline", default=None, metavar="NAME",
                    help="if the pipeline's model cannot be loaded here (no weights, no hub), say so and run this "
                    "pipeline instead (the README's demo uses 'tiny')")
@@ -98,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-pixels", type=int, default=64_000_000)
     v.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
 
+    rp = sub.add_parser("report", help="write the trade-off plot and the sweep contact sheet of an output")
+    rp.add_argument("out")
+    rp.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+
     s = sub.add_parser("status", help="done / failed / pending counts of an output")
     s.add_argument("out")
     s.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
@@ -128,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--inversion-streams", type=int, default=1,
                    help="inversion calls run side by side on CUDA streams (pipeline key inversion_streams)")
     b.add_argument("--json", default=None, help="write the figures as JSON here")
+    b.add_argument("--repeats", type=int, default=None,
+                   help="time every path this many times, interleaved; report medians and [min..max] (default 3)")
+    b.add_argument("--sweep-resolution", type=int, default=None,
+                   help="resolution of the sweep_vs_floor_elements count (default: the bench's; 64 for a "
+                   "full-size UNet on a CPU)")
     b.add_argument("--data", action="store_true", help="also run the data-plane benchmarks")
     b.add_argument("--eval", action="store_true",
                    help="also time scoring an output (eval_vs_translate; always on for full-size archs on a GPU; "
@@ -191,11 +204,14 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise UsageError(f"--lease-ttl must be at least {MIN_TTL:g} seconds")
     if a.worker_timeout is not None and not a.worker_timeout > 0:
         raise UsageError("--worker-timeout must be > 0 seconds")
+    from pnp_batch.io.sweep import parse_sweeps
+
+    sweep = parse_sweeps(a.sweep, cfg, yes=a.yes)
     req = RunRequest(
         manifest=a.manifest, out=a.out, cfg=cfg, features=a.features, limit=a.limit, overwrite=a.overwrite,
         dry_run=a.dry_run, engine=a.engine, ray_address=a.ray_address, workers=a.workers,
         gpus_per_worker=a.gpus_per_worker, report=not a.no_report, storage_options=opts, eval=a.eval,
-        wait_for_lease=a.wait_for_lease, outage_timeout=a.outage_timeout,
+        wait_for_lease=a.wait_for_lease, outage_timeout=a.outage_timeout, sweep=sweep,
     )
     if a.lease_ttl is not None:
         req.lease_ttl = a.lease_ttl
@@ -204,6 +220,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.dry_run:
         _, _, p = plan(req)
         print(f"manifest: {a.manifest}\nrows: {p.total}\nalready done: {p.done_before}\nto do: {p.todo}")
+        if sweep is not None:
+            print(f"sweep: {sweep.describe()}")
         print(f"pipeline: {cfg.name} (config {cfg.hash()}), model {cfg.model}, steps {cfg.steps}, "
               f"inversion_steps {cfg.inversion_steps}")
         print(f"output: {a.out}\nfeatures: {req.features_uri}\nengine: {a.engine}")
@@ -273,6 +291,18 @@ def _lease_line(out: str) -> str:
     return f"lease: held by {holder.describe()}"
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from pnp_batch.report.write import write_sweep_reports
+
+    _storage(a.storage_option)
+    written = write_sweep_reports(a.out)
+    if not written:
+        print(f"nothing to report in {a.out}: no sweep results and no scores")
+    for uri in written:
+        print(uri)
+    return 0
+
+
 def cmd_make_test_model(a: argparse.Namespace) -> int:
     if a.arch == "sdxl":
         from pnp_batch.models.tiny_sdxl import make_tiny_sdxl
@@ -298,6 +328,7 @@ VERBS = {
     "eval": cmd_eval,
     "validate": cmd_validate,
     "status": cmd_status,
+    "report": cmd_report,
     "make-test-model": cmd_make_test_model,
     "bench": cmd_bench,
 }

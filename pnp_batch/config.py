@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,13 @@ ROW_OVERRIDES = ("negative_prompt", "seed", "guidance_scale", "pnp_f_t", "pnp_at
 EVAL_KEYS = ("eval_clip_model", "eval_clip_revision", "eval_dino_model", "eval_dino_revision")
 # Keys whose --set values are taken as written (not parsed as YAML).
 _LITERAL_KEYS = ("model", "model_config", "revision", "inversion_prompt", "negative_prompt", "name", *EVAL_KEYS)
+# Injection layers (PNP_SPEC.md §4): None = the architecture's table; a tuple of module paths otherwise.
+LAYER_KEYS = ("pnp_feature_blocks", "pnp_attn_layers")
+# Keys a sweep may set per row although rows differing in them cannot share a UNet batch: such rows
+# form separate groups of the same source (one inversion still: the feature store shares it).
+GROUP_KEYS = ("negative_prompt_mode", *LAYER_KEYS)
+# Decoder layer n (the paper's numbering: SD 0-11, SDXL 0-8) is up_blocks[n // 3], layer n % 3 of it.
+DECODER_LAYERS = 12
 
 
 class ConfigError(UsageError, ValueError):
@@ -57,6 +65,8 @@ class PipelineConfig:
     negative_prompt_schedule: str = "linear"
     pnp_f_t: float = 0.8
     pnp_attn_t: float = 0.5
+    pnp_feature_blocks: tuple[str, ...] | None = None
+    pnp_attn_layers: tuple[str, ...] | None = None
     seed: int = 1
     output_format: str = "png"
     quantize: str = "round"
@@ -79,6 +89,10 @@ class PipelineConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        for key in LAYER_KEYS:  # lists, aliases and presets become the canonical tuple of module paths
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, parse_layers(key, value))
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +111,9 @@ class PipelineConfig:
             d["lora"] = [lora_identity(spec) for spec in d["lora"]]
         else:
             d.pop("lora", None)
+        for k in LAYER_KEYS:  # part of the hash only when set: outputs made before these keys keep theirs
+            if d.get(k) is None:
+                d.pop(k, None)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -227,10 +244,94 @@ def validate(cfg: PipelineConfig) -> None:
 _FIELDS = {f.name: f for f in fields(PipelineConfig)}
 
 
+# A layer item of each key, as a module path of diffusers' UNet: a decoder resnet for features; an
+# attention module (all the self-attention layers of its transformer blocks) or one attn1 for attention.
+_LAYER_PATH = {
+    "pnp_feature_blocks": re.compile(r"up_blocks\.(\d+)\.resnets\.(\d+)"),
+    "pnp_attn_layers": re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)(?:\.transformer_blocks\.(\d+)\.attn1)?"),
+}
+
+
+def layer_path(key: str, n: int) -> str:
+    """The module path of decoder layer `n` (the paper's numbering: up_blocks[n // 3], layer n % 3 of
+    it; SD has 12, 0-11, SDXL 9, 0-8). For attention, the attention module of that layer: every
+    self-attention layer of its transformer blocks (one in SD, two or ten in SDXL)."""
+    block, layer = divmod(n, 3)
+    return f"up_blocks.{block}.resnets.{layer}" if key == "pnp_feature_blocks" else f"up_blocks.{block}.attentions.{layer}"
+
+
+def _layer_numbers(item: str, key: str) -> list[int] | None:
+    """'7' -> [7]; '4-11' -> [4, ..., 11]; anything else None (a module path)."""
+    a, sep, b = item.partition("-")
+    if a.isdigit() and (not sep or b.isdigit()):
+        lo, hi = int(a), int(b) if sep else int(a)
+        if lo > hi:
+            raise ConfigError(f"{key}: range {item!r} runs backwards")
+        if hi >= DECODER_LAYERS:
+            raise ConfigError(f"{key}: decoder layer {hi} does not exist; decoder layers are numbered "
+                              f"0-{DECODER_LAYERS - 1} (SDXL: 0-8)")
+        return list(range(lo, hi + 1))
+    return None
+
+
+def _layer_order(path: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", path))
+
+
+def parse_layers(key: str, value: Any) -> tuple[str, ...] | None:
+    """A layer setting as its canonical tuple of module paths (decoder order, no repeats), or None for
+    the architecture's own table (PNP_SPEC.md §4). Accepted: `default`; `none` (no injection of this
+    kind); a list, or a string of `;`-separated items, each a module path (`up_blocks.1.resnets.1`,
+    `up_blocks.2.attentions.0` or one `...transformer_blocks.N.attn1`), a decoder layer number (`4`)
+    or an inclusive range of them (`4-11`). Only the form is checked here: whether the UNet has those
+    layers is checked against the loaded model (pnp/layers.injection_points: exit 2, naming the valid
+    ones), since the layers differ between architectures."""
+    if key not in LAYER_KEYS:
+        raise ConfigError(f"{key!r} is not an injection-layer key ({', '.join(LAYER_KEYS)})")
+    if value is None or (isinstance(value, str) and value.strip().lower() == "default"):
+        return None
+    if isinstance(value, str):
+        items: list[Any] = [v.strip() for v in value.split(";")]
+        if value.strip().lower() == "none":
+            items = []
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    else:
+        raise ConfigError(f"{key}={value!r} must be a list of layers, a ';'-separated string, 'default' or 'none'")
+    chosen: set[str] = set()
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            raise ConfigError(f"{key}={value!r} has an empty item")
+        numbers = _layer_numbers(text, key)
+        if numbers is not None:
+            chosen.update(layer_path(key, n) for n in numbers)
+        elif _LAYER_PATH[key].fullmatch(text):
+            chosen.add(text)
+        else:
+            form = ("a decoder resnet such as up_blocks.1.resnets.1" if key == "pnp_feature_blocks" else
+                    "an attention module such as up_blocks.2.attentions.0, or one of its self-attention "
+                    "layers such as up_blocks.2.attentions.0.transformer_blocks.0.attn1")
+            raise ConfigError(
+                f"{key}: unknown layer {text!r}; valid: decoder layer numbers 0-{DECODER_LAYERS - 1} (ranges "
+                f"like 4-11; SDXL 0-8), 'default', 'none', or module paths: {form}"
+            )
+    return tuple(sorted(chosen, key=_layer_order))
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Turn a YAML/--set value into the field's type; strings from --set are parsed as YAML."""
     if key not in _FIELDS:
         raise ConfigError(f"unknown pipeline key {key!r}; known keys: {', '.join(sorted(_FIELDS))}")
+    if key in LAYER_KEYS:
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{key}={value!r} is not a valid list: {e}") from e
+        return parse_layers(key, value)
     if isinstance(value, str) and key not in _LITERAL_KEYS:
         try:
             value = yaml.safe_load(value) if value != "" else value

@@ -59,11 +59,26 @@ def bench_dtype(args, device: torch.device) -> str:
     return args.dtype
 
 
+# Repeats by device type: the paths are timed this many times, interleaved, and every timed figure is
+# reported as the median with its spread. 3 on a CPU: see docs/bench.md for two back-to-back runs.
+REPEATS = {"cpu": 3, "gpu": 3}
+# The sweep figure counts UNet batch elements, which do not depend on the resolution: a full-size UNet
+# on a CPU counts them at 64 px (seconds there, not minutes).
+SWEEP_RESOLUTION = {("full", "cpu"): 64, ("sdxl", "cpu"): 64}
+
+
 def bench_settings(args, device: torch.device) -> dict[str, Any]:
     kind = args.arch if args.arch in ("tiny", "sdxl") else "full"
-    res, steps, ref = DEFAULTS[(kind, "cpu" if device.type == "cpu" else "gpu")]
+    dev = "cpu" if device.type == "cpu" else "gpu"
+    res, steps, ref = DEFAULTS[(kind, dev)]
+    res = args.resolution or res
+    repeats = getattr(args, "repeats", None) or REPEATS[dev]
+    if repeats < 1:
+        raise ValueError("--repeats must be >= 1")
     return {
-        "resolution": args.resolution or res,
+        "repeats": repeats,
+        "sweep_resolution": getattr(args, "sweep_resolution", None) or SWEEP_RESOLUTION.get((kind, dev), res),
+        "resolution": res,
         "steps": args.steps or steps,
         "reference_inversion_steps": args.reference_inversion_steps or ref,
         "k": sorted(set(args.k or [1, 4])),

@@ -15,13 +15,25 @@ import torch
 class UNetCounter:
     """Counts UNet calls and batch elements with a forward pre-hook; keeps every call's batch size."""
 
-    def __init__(self, unet) -> None:
+    def __init__(self, unet, timed: bool = False) -> None:
         self.sizes: list[int] = []
+        # timed (CPU only: on a GPU it would need a synchronisation per call): each call's wall time
+        self.seconds: list[float] = []
+        self._t0 = 0.0
         self._handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._post = unet.register_forward_hook(self._done) if timed else None
 
     def _hook(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         self.sizes.append(int(sample.shape[0]))
+        self._t0 = time.perf_counter()
+
+    def _done(self, module, args, output):
+        self.seconds.append(time.perf_counter() - self._t0)
+
+    def call_seconds(self, start: int, stop: int) -> list[float] | None:
+        """Wall time of calls start..stop (timed counters only)."""
+        return self.seconds[start:stop] if self._post is not None else None
 
     def mark(self) -> int:
         return len(self.sizes)
@@ -32,6 +44,8 @@ class UNetCounter:
 
     def remove(self) -> None:
         self._handle.remove()
+        if self._post is not None:
+            self._post.remove()
 
 
 def _rss_reader():
@@ -116,6 +130,9 @@ class PathStats:
     other_seconds: float = 0.0  # image decode/encode, VAE, feature store
     peak_memory_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # wall time of each sampling UNet call, in order (CPU; not in to_dict): bench.figures pairs them
+    # across repeats for the injection overhead
+    sampling_call_seconds: list[float] = field(default_factory=list)
 
     @property
     def unet_calls(self) -> int:

@@ -18,6 +18,7 @@ Text embeddings are computed once before timing (the same for every path) and ar
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -107,7 +108,7 @@ class Bench:
         self.tr = Translator(self.cfg, out_uri=tmp, models=self.models)
         self.unet = self.models.unet  # compiled when --compile, a GraphedUNet with --cuda-graphs (on CUDA)
         self.base_unet = base_unet(self.unet)
-        self.counter = UNetCounter(self.unet)
+        self.counter = UNetCounter(self.unet, timed=self.device.type == "cpu")
         self.encode = Timed(self.tr.encode, self.clock)
         self.decode = Timed(self.tr.decode, self.clock)
         self.tr.encode, self.tr.decode = self.encode, self.decode  # instance attributes: timed
@@ -178,6 +179,7 @@ class Bench:
                 m2 = self.counter.mark()
             dec = self.decode.take()
             st.add_sampling((m2 - m1, sum(self.counter.sizes[m1:m2])))
+            st.sampling_call_seconds += self.counter.call_seconds(m1, m2) or []
             sizes_per_source.append(self.counter.sizes[m1:m2])
             st.sampling_seconds += (t2 - t1) - dec
             st.other_seconds += dec
@@ -219,6 +221,7 @@ class Bench:
                     self.tr.decode(x)
                     t2 = self.clock()
                 st.add_sampling((m1 - m0, sum(self.counter.sizes[m0:m1])))
+                st.sampling_call_seconds += self.counter.call_seconds(m0, m1) or []
                 st.sampling_seconds += t1 - t0
                 st.other_seconds += self.decode.take()
                 st.seconds += t2 - t0
@@ -306,6 +309,86 @@ class Bench:
 
 
 
+    # -- the sweep ---------------------------------------------------------------------------------
+    def run_sweep(self) -> dict[str, Any]:
+        """The issue's 3 x 3 x 2 grid (SWEEP_GRID, 18 settings) over one source, as `run --sweep` runs
+        it: one group, one inversion, one source branch per step (Translator.translate), against 18
+        plain text-to-image samplings with the same steps (floor_sample, K = 18, stock processors).
+        Both counted by the UNet counter, at `sweep_resolution` (element counts do not depend on it)."""
+        from pnp_batch.io.rows import Row
+
+        res = self.s["sweep_resolution"]
+        grid = [dict(zip(SWEEP_GRID, combo)) for combo in itertools.product(*SWEEP_GRID.values())]
+        rows = [Row(index=j, id=f"sweep-{j}", image=None, image_bytes=None, source_prompt="a photo",
+                    target_prompt=self.prompts[0], overrides=ov) for j, ov in enumerate(grid)]
+        cfg, store = self.tr.cfg, self.tr.features
+        self.tr.cfg = cfg.replace(resolution=res)
+        self.tr.features = fresh_store(self, "sweep")
+        try:
+            t0 = self.clock()
+            m0 = self.counter.mark()
+            feats = self.tr.source_features_many([(synthetic_sources(1, res, seed=99)[0], "")])
+            if isinstance(feats[0], Exception):
+                raise feats[0]
+            m1 = self.counter.mark()
+            self.tr.translate(feats[0][0], rows)
+            t1 = self.clock()
+            m2 = self.counter.mark()
+            self.tr.flush()
+        finally:
+            self.tr.cfg, self.tr.features = cfg, store
+        steps, n = self.s["steps"], len(rows)
+        floor = self._stock(lambda: self._floor_grid(n, res, steps))
+        return {
+            "settings": n, "grid": {k: list(v) for k, v in SWEEP_GRID.items()}, "resolution": res,
+            "inversion_unet_calls": m1 - m0, "inversion_batch_elements": sum(self.counter.sizes[m0:m1]),
+            "sampling_unet_calls": m2 - m1, "sampling_batch_elements": sum(self.counter.sizes[m1:m2]),
+            "unet_calls": m2 - m0, "batch_elements": sum(self.counter.sizes[m0:m2]),
+            "seconds": t1 - t0,
+            **floor,
+        }
+
+    def _floor_grid(self, n: int, res: int, steps: int) -> dict[str, Any]:
+        """n plain samplings with guidance (2 elements per step each), in calls of at most batch_size."""
+        h = res // 8
+        uncond = self.tr.condition([""], (h, h))
+        neg = self.tr.condition([self.cfg.negative_prompt] * n, (h, h))
+        cond = self.tr.condition([self.prompts[0]] * n, (h, h))
+        per_call = max(1, (self.tr.max_batch) // 2)
+        t0 = self.clock()
+        m0 = self.counter.mark()
+        for start in range(0, n, per_call):
+            k = min(per_call, n - start)
+            floor_sample(self.unet, self.models.scheduler_config, [2 * k] * steps, steps, k, uncond,
+                         neg[:k], cond[:k], self.cfg.guidance_scale, (4, res // 8, res // 8), self.device, seed=start)
+        t1 = self.clock()
+        m1 = self.counter.mark()
+        return {"floor_unet_calls": m1 - m0, "floor_batch_elements": sum(self.counter.sizes[m0:m1]),
+                "floor_seconds": t1 - t0}
+
+    def _stock(self, fn):
+        """Run fn with the stock attention processors and no conv hook (the floor), then PnP again."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        from pnp_batch.pnp.graphs import GraphedUNet
+        from pnp_batch.pnp.injection import PnPInjector
+
+        self.tr.injector.remove()
+        self.base_unet.set_attn_processor(AttnProcessor2_0())
+        graphed = isinstance(self.unet, GraphedUNet)
+        if graphed:
+            self.unet.use("stock", None)
+        try:
+            return fn()
+        finally:
+            self.tr.injector = PnPInjector(self.base_unet, self.tr.points)
+            if graphed:
+                self.unet.use("pnp", self.tr.injector.controller)
+
+
+SWEEP_GRID = {"pnp_f_t": (0.4, 0.6, 0.8), "guidance_scale": (5.0, 7.5, 10.0), "pnp_attn_t": (0.25, 0.5)}
+
+
 def fresh_store(b: Bench, name: str):
     from pnp_batch.io import storage
     from pnp_batch.io.features import FeatureStore
@@ -313,16 +396,22 @@ def fresh_store(b: Bench, name: str):
     return FeatureStore(storage.join(b.tmp, f"features-{name}"))
 
 
-def run_all(b: Bench, ks: list[int], quiet: bool = False) -> dict[int, dict[str, PathStats]]:
-    results: dict[int, dict[str, PathStats]] = {}
-    for k in ks:
-        t0 = time.perf_counter()
-        b.tr.features = fresh_store(b, f"k{k}{'-q' if quiet else ''}")
-        default, sizes = b.run_default(k, warm=False)
-        warm, _ = b.run_default(k, warm=True)
-        floor = b.run_floor(k, sizes)
-        reference = b.run_reference(k)
-        results[k] = {"default": default, "reference": reference, "floor": floor, "warm": warm}
-        if not quiet:
-            print(f"bench: K={k} done in {time.perf_counter() - t0:.1f} s", flush=True)
-    return results
+def run_all(b: Bench, ks: list[int], quiet: bool = False, repeats: int = 1) -> list[dict[int, dict[str, PathStats]]]:
+    """Every path at every K, `repeats` times, interleaved (repeat 1 of every path, then repeat 2, ...),
+    so a slow spell of a shared machine falls on every path alike; one result dict per repeat. The
+    reference's per-source inversion is measured once (its first repeat) and reused."""
+    out: list[dict[int, dict[str, PathStats]]] = []
+    for r in range(repeats):
+        results: dict[int, dict[str, PathStats]] = {}
+        for k in ks:
+            t0 = time.perf_counter()
+            b.tr.features = fresh_store(b, f"k{k}-r{r}{'-q' if quiet else ''}")
+            default, sizes = b.run_default(k, warm=False)
+            floor = b.run_floor(k, sizes)  # next to the default: the injection overhead pairs them
+            warm, _ = b.run_default(k, warm=True)
+            reference = b.run_reference(k)
+            results[k] = {"default": default, "reference": reference, "floor": floor, "warm": warm}
+            if not quiet:
+                print(f"bench: repeat {r + 1}/{repeats} K={k} done in {time.perf_counter() - t0:.1f} s", flush=True)
+        out.append(results)
+    return out

@@ -27,7 +27,8 @@ from pnp_batch.io.manifest import Manifest, Row, group_rows, open_manifest
 from pnp_batch.io.metrics import ScoreWriter
 from pnp_batch.io.records import SCORES_FIELD
 from pnp_batch.io.results import ResultWriter, done_index, make_run_id, write_run_summary
-from pnp_batch.report.write import write_report
+from pnp_batch.io.sweep import Sweep, SweptManifest
+from pnp_batch.report.write import write_report, write_sweep_reports
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,31 @@ class RunRequest:
     wait_for_lease: float | None = None  # seconds to wait for another run's lease (math.inf: no limit)
     lease_ttl: float = DEFAULT_TTL
     outage_timeout: float | None = None  # None: PNP_BATCH_OUTAGE_TIMEOUT, else retry.DEFAULT_OUTAGE_TIMEOUT
+    sweep: Sweep | None = None  # run --sweep: every manifest row expanded into the grid (io/sweep.py)
 
     @property
     def features_uri(self) -> str:
         return self.features or storage.join(self.out, "features")
+
+    @property
+    def grid(self) -> int:
+        """Rows per manifest row: the sweep's settings, or 1."""
+        return self.sweep.size if self.sweep is not None else 1
+
+    @property
+    def row_limit(self) -> int | None:
+        """--limit counts manifest rows; with a sweep each of them is `grid` rows."""
+        return None if self.limit is None else self.limit * self.grid
+
+    def layer_settings(self) -> tuple[tuple[tuple[str, ...] | None, tuple[str, ...] | None], ...]:
+        """The injection-layer settings a sweep uses besides the pipeline's (the workers check them
+        against the model before any work: exit 2 naming the valid layers)."""
+        return self.sweep.layer_settings(self.cfg) if self.sweep is not None else ()
+
+    @property
+    def window_rows(self) -> int:
+        """Rows grouped at once: a whole number of grids, so a source's grid is never cut in two."""
+        return self.grid * max(1, -(-self.group_window // self.grid))
 
 
 class Backend(Protocol):
@@ -96,16 +118,17 @@ def work_groups(manifest: Manifest, done: DoneIndex | Mapping[str, str], req: Ru
     depend on the batch it is sampled in, so a row redone after a failure or a crash must share its
     batch with the same rows as before to get the bytes an uninterrupted run gives it (CONTRACT).
 
-    Rows are grouped within consecutive windows of ``req.group_window`` rows (io/manifest.group_rows).
+    Rows are grouped within consecutive windows of ``req.window_rows`` rows (io/manifest.group_rows;
+    with a sweep, a whole number of grids, so a source's grid is never cut in two).
     The ids of a manifest batch are looked up in the done-index at once; a window whose rows are all
     done yields nothing, so it is skipped without making its rows (a resume of ten million rows with
     a few to redo makes Row objects only around those few).
     """
     index = done if isinstance(done, DoneIndex) else DoneIndex.from_mapping(done)
-    size = req.group_window
+    size = req.window_rows
     window: list[Row] = []  # the rows of the window being filled (it spans batches)
     window_todo = False
-    for start, batch in manifest.iter_batches(limit=req.limit):
+    for start, batch in manifest.iter_batches(limit=req.row_limit):
         n = batch.num_rows
         ok = np.zeros(n, dtype=bool) if req.overwrite else index.is_ok(manifest.batch_ids(batch, start))
         i = 0
@@ -161,12 +184,19 @@ def plan(req: RunRequest) -> tuple[Manifest, DoneIndex, Plan]:
     return manifest, done, p
 
 
-def open_checked(req: RunRequest) -> tuple[Manifest, int]:
-    """The manifest, its ids checked (UsageError, exit 2, on a bad one), and its row count under --limit."""
+def open_run_manifest(req: RunRequest) -> Manifest | SweptManifest:
+    """The manifest, expanded into the sweep's grid when there is one."""
     manifest = open_manifest(req.manifest)
+    return SweptManifest(manifest, req.sweep) if req.sweep is not None else manifest
+
+
+def open_checked(req: RunRequest) -> tuple[Manifest, int]:
+    """The manifest (expanded by --sweep), its ids checked (UsageError, exit 2, on a bad one), and its
+    row count under --limit (which counts manifest rows: with a sweep, each is a grid of rows)."""
+    manifest = open_run_manifest(req)
     total = manifest.check_ids()
-    if req.limit is not None:
-        total = min(total, req.limit)
+    if req.row_limit is not None:
+        total = min(total, req.row_limit)
     return manifest, total
 
 
@@ -181,7 +211,7 @@ def count_work(req: RunRequest, manifest: Manifest, total: int) -> tuple[DoneInd
     # counted from the id column alone (no image bytes, prompts or overrides decoded)
     todo = total
     if not req.overwrite:
-        for _, ids in manifest.iter_id_batches(limit=req.limit):
+        for _, ids in manifest.iter_id_batches(limit=req.row_limit):
             todo -= int(done.is_ok(ids).sum())
     return done, Plan(total=total, done_before=total - todo, todo=todo)
 
@@ -339,6 +369,11 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
             write_report(req.out, req.cfg, run_id, sample, scores=sample_scores)
         except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
             log.warning("could not write the contact sheet: %s", storage.redact(str(e)))
+    if req.report and (req.sweep is not None or req.eval) and status != "outage":
+        try:  # the sweep's contact sheet, and the trade-off plot where scores exist
+            write_sweep_reports(req.out, req.cfg.max_pixels, sheet=req.sweep is not None)
+        except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
+            log.warning("could not write the sweep report: %s", storage.redact(str(e)))
     failed = counts.get("failed", 0)
     if lost is not None:
         raise ClusterLost(stopped_message(req, run_id, lost, counts, p)) from None
@@ -483,6 +518,7 @@ def _summary(req: RunRequest, manifest_uri: str, run_id: str, started: datetime,
         "versions": versions(),
         "options": {"limit": req.limit, "overwrite": req.overwrite, "workers": req.workers,
                     "grace_seconds": req.grace_seconds, "lease_ttl": req.lease_ttl,
-                    "outage_timeout": retry.OUTAGE.limit()},
+                    "outage_timeout": retry.OUTAGE.limit(),
+                    "sweep": req.sweep.to_items() if req.sweep is not None else None},
     }
     write_run_summary(req.out, run_id, summary)

@@ -40,7 +40,8 @@ class LocalBackend:
     def start(self, req: RunRequest) -> None:
         from pnp_batch.translate.translator import Translator
 
-        self.translator = Translator(req.cfg, req.out, req.features_uri, worker="local", evaluate=req.eval)
+        self.translator = Translator(req.cfg, req.out, req.features_uri, worker="local", evaluate=req.eval,
+                                     layer_settings=req.layer_settings())
 
     def map_groups(self, groups: Iterator[list[Row]]) -> Iterator[list[dict[str, Any]]]:
         """Windows of `PipelineConfig.window` groups (inverted at once). While one window is

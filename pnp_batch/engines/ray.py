@@ -61,7 +61,7 @@ class TranslatorWorker:
     """
 
     def __init__(self, cfg: PipelineConfig, out: str, features: str, storage_options: dict[str, Any],
-                 threads: int, evaluate: bool = False) -> None:
+                 threads: int, evaluate: bool = False, layer_settings: tuple = ()) -> None:
         self.pid = os.getpid()
         self.host = socket.gethostname()
         try:
@@ -81,7 +81,8 @@ class TranslatorWorker:
             storage.configure(storage_options)
             from pnp_batch.translate.translator import Translator
 
-            self.translator = Translator(cfg, out, features, worker=self.name, evaluate=evaluate)
+            self.translator = Translator(cfg, out, features, worker=self.name, evaluate=evaluate,
+                                         layer_settings=layer_settings)
         except Exception as e:  # noqa: BLE001 - reported by info(), the driver decides
             self.error = {"type": type(e).__name__, "message": storage.redact(str(e))[:2000],
                           "usage": isinstance(e, UsageError)}
@@ -260,7 +261,7 @@ class RayBackend:
     def _new_slot(self) -> _Slot:
         req = self.req
         handle = self._actor_cls.remote(req.cfg, req.out, req.features_uri, req.storage_options, self.threads,
-                                        req.eval)
+                                        req.eval, req.layer_settings())
         return _Slot(handle=handle, ready_ref=handle.info.remote())
 
     def _wait_first_ready(self) -> None:

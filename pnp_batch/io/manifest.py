@@ -509,11 +509,13 @@ def open_manifest(uri: str) -> Manifest:
 
 def group_rows(rows: Iterable[Row], window: int = 256) -> Iterator[list[Row]]:
     """Group rows sharing a source image, streaming: within each window of ``window`` rows,
-    groups come out in first-seen order. Rows with an error are single-row groups."""
+    groups come out in first-seen order. Rows with an error are single-row groups; rows of one source
+    that cannot share a UNet batch (Row.batch_key: a swept negative-prompt mode or layer setting) form
+    groups of their own."""
     groups: dict[str, list[Row]] = {}
     n = 0
     for row in rows:
-        key = f"\0error:{row.index}" if row.error else row.source_key
+        key = f"\0error:{row.index}" if row.error else row.batch_key
         groups.setdefault(key, []).append(row)
         n += 1
         if n >= window:

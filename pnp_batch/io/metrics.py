@@ -115,6 +115,12 @@ def read_scores(out_uri: str) -> pa.Table:
     return ranked.take(pc.take(last, pc.sort_indices(last)))
 
 
+def ok_scores(out_uri: str) -> pa.Table:
+    """The latest ``ok`` score of every (id, config_hash) that has one (the reports plot these)."""
+    table = read_scores(out_uri)
+    return table.filter(pc.equal(table.column("status"), "ok")) if table.num_rows else table
+
+
 def scored_keys(out_uri: str) -> set[tuple[str, str]]:
     """The (id, config_hash) pairs that have an ``ok`` score: `pnp-batch eval` skips them."""
     table = read_all_scores(out_uri)

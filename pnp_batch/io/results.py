@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pnp_batch.errors import UsageError
 from pnp_batch.io import storage
 from pnp_batch.io.done_index import DoneIndex
 
@@ -470,9 +471,15 @@ def status_report(out_uri: str) -> StatusReport:
         report.manifest = runs[-1].get("manifest")
     if report.manifest:
         try:
-            from pnp_batch.io.manifest import ManifestError, open_manifest
+            from pnp_batch.io.manifest import open_manifest
 
             m = open_manifest(report.manifest)
+            sweep_items = (runs[-1].get("options") or {}).get("sweep")
+            if sweep_items:  # the latest run's sweep: its rows are the grid points
+                from pnp_batch.config import PipelineConfig
+                from pnp_batch.io.sweep import SweptManifest, parse_sweeps
+
+                m = SweptManifest(m, parse_sweeps(sweep_items, PipelineConfig(), yes=True))
             rows = pending = done_here = 0
             for _, ids in m.iter_id_batches():
                 found, ok = index.lookup(ids)
@@ -480,7 +487,7 @@ def status_report(out_uri: str) -> StatusReport:
                 pending += int((~found).sum())
                 done_here += int(ok.sum())
             report.manifest_rows, report.pending, report.done_in_manifest = rows, pending, done_here
-        except (ManifestError, OSError) as e:
+        except (UsageError, OSError) as e:
             report.manifest_error = f"manifest unreadable: {storage.redact(str(e))}"
     elif not runs:
         report.manifest_error = "no run summary names a manifest"

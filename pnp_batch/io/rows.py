@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from pnp_batch.config import GROUP_KEYS
+
 
 @dataclass(frozen=True)
 class Row:
@@ -34,3 +36,11 @@ class Row:
         if self.image_bytes is not None:
             return "bytes:" + hashlib.sha256(self.image_bytes).hexdigest()
         return self.image or f"row:{self.index}"
+
+    @cached_property
+    def batch_key(self) -> str:
+        """What rows must share to be translated in one UNet batch: the source, and the overrides that
+        change the batch itself (negative-prompt mode, injection layers; config.GROUP_KEYS). Rows of one
+        source that differ there form separate groups, which still share one inversion (feature store)."""
+        split = {k: self.overrides[k] for k in GROUP_KEYS if k in self.overrides}
+        return self.source_key + (f"\0{sorted(split.items())!r}" if split else "")

@@ -130,7 +130,7 @@ class GraphedUNet(torch.nn.Module):
         if c is None:
             return ()
         idle = c.conv_rows is None and c.attn_rows is None
-        if not idle and (c.record or not c.has_source):
+        if c.record or (not idle and not c.has_source):
             return None  # records the source's features for, or reads them from, another call
         return (_rows_key(c.conv_rows), _rows_key(c.attn_rows), c.has_source and not idle)
 

@@ -58,8 +58,12 @@ class PnPController:
         return self.recorded[name]
 
     def inject(self, name: str, t: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """Copy the source element's values into `rows` of t (in place) and return t."""
+        """Copy the source element's values into `rows` of t (in place) and return t. A call that records
+        for later calls records even when none of its own rows is injected: with per-target thresholds
+        (a sweep) a later call of the same step can need what this one does not."""
         if rows is None:
+            if self.record and self.has_source:
+                self._source(name, t)
             return t
         src = self._source(name, t)
         if isinstance(rows, slice):
@@ -95,7 +99,7 @@ class PnPAttnProcessor:
         key = attn.to_k(context)
         value = attn.to_v(context)
         rows = self.controller.attn_rows
-        if rows is not None and encoder_hidden_states is None:
+        if encoder_hidden_states is None and (rows is not None or self.controller.record):
             query = self.controller.inject(self.name + ".q", query, rows)
             key = self.controller.inject(self.name + ".k", key, rows)
         head_dim = key.shape[-1] // attn.heads

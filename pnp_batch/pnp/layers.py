@@ -86,18 +86,39 @@ def attn_layer_names(unet) -> list[str]:
     return [n for n, _ in unet.named_modules() if n.startswith("up_blocks.") and n.endswith(".attn1")]
 
 
+def attention_module_names(unet) -> list[str]:
+    """Every decoder attention module that has self-attention layers (an item of `pnp_attn_layers`
+    may name one: all its transformer blocks' attn1)."""
+    return list(dict.fromkeys(n.split(".transformer_blocks.")[0] for n in attn_layer_names(unet)))
+
+
+def _expand_attn(names: tuple[str, ...], valid: list[str]) -> tuple[str, ...]:
+    """Attention modules as the attn1 layers under them (in the UNet's order); attn1 names as given."""
+    out: list[str] = []
+    for name in names:
+        under = [v for v in valid if v.startswith(name + ".")] if not name.endswith(".attn1") else [name]
+        out.extend(v for v in (under or [name]) if v not in out)
+    return tuple(out)
+
+
 def injection_points(unet, feature_blocks: tuple[str, ...] | None = None,
                      attn_layers: tuple[str, ...] | None = None) -> InjectionPoints:
-    """The architecture's table, with either list replaced when given; unknown names are a ValueError
-    that lists the valid ones."""
+    """The architecture's table, with either list replaced when given (an attention module stands for
+    the attn1 of each of its transformer blocks); unknown names are a ValueError that lists the valid
+    ones."""
     default = default_points(unet)
+    valid_attn = attn_layer_names(unet)
     points = InjectionPoints(
         feature_blocks=default.feature_blocks if feature_blocks is None else tuple(feature_blocks),
-        attn_layers=default.attn_layers if attn_layers is None else tuple(attn_layers),
+        attn_layers=default.attn_layers if attn_layers is None else _expand_attn(tuple(attn_layers), valid_attn),
     )
-    for given, valid, what in ((points.feature_blocks, feature_block_names(unet), "feature-injection block"),
-                               (points.attn_layers, attn_layer_names(unet), "self-attention layer")):
-        unknown = [n for n in given if n not in valid]
-        if unknown:
-            raise ValueError(f"unknown {what}(s) {unknown} for this UNet; valid: {', '.join(valid)}")
+    unknown = [n for n in points.feature_blocks if n not in feature_block_names(unet)]
+    if unknown:
+        raise ValueError(f"unknown feature-injection block(s) {unknown} for this UNet; valid: "
+                         f"{', '.join(feature_block_names(unet))}")
+    unknown = [n for n in points.attn_layers if n not in valid_attn]
+    if unknown:
+        raise ValueError(f"unknown self-attention layer(s) {unknown} for this UNet; valid: the attention modules "
+                         f"{', '.join(attention_module_names(unet))} (each: all its transformer blocks' attn1), "
+                         f"or one attn1 of them such as {valid_attn[0]}")
     return points

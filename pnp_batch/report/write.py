@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 from typing import Any
 
@@ -11,7 +12,10 @@ from PIL import Image
 from pnp_batch.config import PipelineConfig
 from pnp_batch.io import storage
 from pnp_batch.io.images import decode_image
+from pnp_batch.io.metrics import ok_scores
+from pnp_batch.io.results import latest_results
 from pnp_batch.report.sheet import SheetEntry, build_contact_sheet, build_html
+from pnp_batch.report.tradeoff import tradeoff_png, tradeoff_points
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +109,100 @@ def write_report(out: str, cfg: PipelineConfig, run_id: str, records: list[dict[
     )
     log.info("contact sheet: %s", png)
     return png
+
+
+MAX_SWEEP_SOURCES = 24
+MAX_SWEEP_SETTINGS = 48
+SWEEP_THUMB = 160
+
+
+def _sweep_table(out: str) -> list[dict[str, Any]]:
+    """The latest record of every sweep row (those with a `setting`), in id order."""
+    cols = ["status", "error", "output", "image", "target_prompt", "model", "config_hash", "source_id", "setting"]
+    table = latest_results(out, cols)
+    if table.num_rows == 0 or "setting" not in table.column_names or "source_id" not in table.column_names:
+        return []
+    rows = [r for r in table.sort_by("id").to_pylist() if r.get("setting")]
+    return rows
+
+
+def write_sweep_sheet(out: str, max_pixels: int = 64_000_000) -> str | None:
+    """OUT/report/sweep.png: one row per source (its manifest row's id), one column per setting, each
+    output's scores under it where they exist. None when the output has no sweep rows."""
+    rows = _sweep_table(out)
+    if not rows:
+        return None
+    scores = {(r["id"], r["config_hash"]): r for r in ok_scores(out).to_pylist()}
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    shown = settings[:MAX_SWEEP_SETTINGS]
+    by_source: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_source.setdefault(r["source_id"], {})[r["setting"]] = r
+    entries = []
+    for source_id, cells in list(by_source.items())[:MAX_SWEEP_SOURCES]:
+        first = next(iter(cells.values()))
+        src = first.get("image")
+        try:
+            source = decode_image(storage.read_bytes(src), max_pixels) if src and src != "<image_bytes>" else None
+        except Exception:  # noqa: BLE001 - an unreadable source is already a failed row
+            source = None
+        source = _thumb(source) if source is not None else Image.new("RGB", (SWEEP_THUMB, SWEEP_THUMB), (128,) * 3)
+        results: list[tuple[Image.Image | None, str]] = []
+        for setting in shown:
+            r = cells.get(setting)
+            if r is None:
+                results.append((None, f"{setting} [not run]"))
+                continue
+            label = setting.replace(",", ", ")
+            sc = scores.get((r["id"], r["config_hash"]))
+            if sc is not None and sc.get("clip_score") is not None and sc.get("structure_dist") is not None:
+                label += f" | clip {sc['clip_score']:.2f} struct {sc['structure_dist']:.4f}"
+            if r["status"] == "ok":
+                try:
+                    img = _thumb(Image.open(io.BytesIO(storage.read_bytes(r["output"]))).convert("RGB"))
+                except Exception:  # noqa: BLE001
+                    img = None
+                results.append((img, label))
+            else:
+                results.append((None, f"{label} [{r.get('error')}]"))
+        entries.append(SheetEntry(source=source, source_label=f"{source_id}: {first.get('target_prompt')}",
+                                  results=results))
+    more = []
+    if len(by_source) > MAX_SWEEP_SOURCES:
+        more.append(f"first {MAX_SWEEP_SOURCES} of {len(by_source)} sources")
+    if len(settings) > MAX_SWEEP_SETTINGS:
+        more.append(f"first {MAX_SWEEP_SETTINGS} of {len(settings)} settings")
+    title = f"pnp-batch sweep: {len(settings)} settings x {len(by_source)} sources"
+    if any("test model" in str(r.get("model", "")) for r in rows[:1]):
+        title += " (tiny random-weight test model)"
+    sheet = build_contact_sheet(entries, title=title, settings="; ".join(more) or "one column per setting",
+                                thumb=SWEEP_THUMB)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    uri = storage.join(out, "report", "sweep.png")
+    storage.write_bytes_atomic(uri, buf.getvalue())
+    log.info("sweep contact sheet: %s", uri)
+    return uri
+
+
+def write_tradeoff(out: str) -> str | None:
+    """OUT/report/tradeoff.png (and tradeoff.json, the plotted numbers) from the scored rows; None when
+    no row is scored."""
+    points = tradeoff_points(out)
+    if not points:
+        return None
+    n = sum(len(p.clip) for p in points)
+    png = tradeoff_png(points, title=f"pnp-batch trade-off: {len(points)} settings, {n} scored outputs "
+                       "(error bars: interquartile range)")
+    uri = storage.join(out, "report", "tradeoff.png")
+    storage.write_bytes_atomic(uri, png)
+    storage.write_text_atomic(storage.join(out, "report", "tradeoff.json"),
+                              json.dumps([p.summary() for p in points], indent=2) + "\n")
+    log.info("trade-off plot: %s", uri)
+    return uri
+
+
+def write_sweep_reports(out: str, max_pixels: int = 64_000_000, sheet: bool = True) -> list[str]:
+    """The sweep contact sheet (outputs with sweep rows; `sheet=False` skips looking for them) and the
+    trade-off plot (scored outputs) of OUT."""
+    return [u for u in (write_sweep_sheet(out, max_pixels) if sheet else None, write_tradeoff(out)) if u]

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -25,9 +26,10 @@ from pnp_batch.io.rows import Row
 from pnp_batch.models.load import Models, load_models
 from pnp_batch.models.tiny import TEST_MODEL_NOTE
 from pnp_batch.pnp.conditioning import TextCond
-from pnp_batch.pnp.graphs import GraphedUNet
+from pnp_batch.pnp.graphs import GraphedUNet, base_unet
 from pnp_batch.pnp.injection import PnPInjector
 from pnp_batch.pnp.inversion import ddim_invert_many
+from pnp_batch.pnp.layers import InjectionPoints, injection_points
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
 from pnp_batch.translate.outputs import output_uri, to_uint8
 from pnp_batch.translate.sizing import auto_batch_size
@@ -37,6 +39,11 @@ log = logging.getLogger(__name__)
 _NOT_READ = object()  # source_features_many: prefetch did not read this key
 
 VAE_DECODE_PIXEL_BYTES = 2**24  # output pixels x VAE dtype size per decode call (see Translator.decode)
+
+# Targets sampled in one loop with one source branch (a sweep's grid); a bigger group runs in loops of
+# this many, each with its own source branch (1 element per step in 2 x 256: nothing), so the latents
+# held stay bounded whatever the grid.
+MAX_TARGETS_PER_LOOP = 256
 
 @dataclass
 class Counters:
@@ -62,6 +69,7 @@ class Translator:
         worker: str | None = None,
         models: Models | None = None,
         evaluate: bool = False,
+        layer_settings: Iterable[tuple[tuple[str, ...] | None, tuple[str, ...] | None]] = (),
     ) -> None:
         self.cfg = cfg
         self.out = out_uri
@@ -75,10 +83,13 @@ class Translator:
             from pnp_batch.eval.score import load_scorer
 
             self.scorer = load_scorer(cfg, device=str(self.models.device))
-        try:
-            self.injector = PnPInjector(self.models.unet)
-        except ValueError as e:  # no injection table for this UNet, or a layer it lacks: before any work
-            raise UsageError(f"model {self.models.name!r}: {e}") from e
+        # the injection points of the pipeline's layer setting, and of every other one this run will use
+        # (a sweep's), checked now: no table for this UNet, or a layer it lacks, stops before any work
+        self._points: dict[tuple, InjectionPoints] = {}
+        self.points = self.injection_points(cfg.pnp_feature_blocks, cfg.pnp_attn_layers)
+        for feature_blocks, attn_layers in layer_settings:
+            self.injection_points(feature_blocks, attn_layers)
+        self.injector = PnPInjector(self.models.unet, self.points)
         self.text = prompt_encoder(self.models)  # the architecture's prompt conditioning (translate/text.py)
         self.counters = Counters()
         self.timesteps = generation_timesteps(cfg.steps)
@@ -119,6 +130,37 @@ class Translator:
                 self.models.unet = GraphedUNet(self.models.unet, self.injector.controller)
             else:
                 log.info("cuda_graphs applies to CUDA devices only; the UNet on %s runs eagerly", self.models.device)
+
+    # -- injection layers ---------------------------------------------------------------------
+    def injection_points(self, feature_blocks: tuple[str, ...] | None,
+                         attn_layers: tuple[str, ...] | None) -> InjectionPoints:
+        """The injection points for a layer setting (None: the architecture's table), checked against
+        this UNet: no table for it, or an unknown name, is a UsageError (exit 2) listing the valid ones."""
+        key = (feature_blocks, attn_layers)
+        if key not in self._points:
+            try:
+                self._points[key] = injection_points(base_unet(self.models.unet), feature_blocks, attn_layers)
+            except ValueError as e:
+                raise UsageError(f"model {self.models.name!r}: {e}") from None
+        return self._points[key]
+
+    def row_points(self, row: Row) -> InjectionPoints:
+        """The injection points of a row: its own layer setting (a sweep's) or the pipeline's."""
+        o = row.overrides
+        return self.injection_points(o.get("pnp_feature_blocks", self.cfg.pnp_feature_blocks),
+                                     o.get("pnp_attn_layers", self.cfg.pnp_attn_layers))
+
+    def use_points(self, points: InjectionPoints) -> None:
+        """Install the injector for `points` in place of the current one (a group with another layer
+        setting). With CUDA graphs, each layer setting keeps its own set of graphs (GraphedUNet.use):
+        a graph records the processors and hooks installed when it was captured."""
+        if points == self.injector.points:
+            return
+        self.injector.remove()
+        self.injector = PnPInjector(base_unet(self.models.unet), points)
+        if isinstance(self.models.unet, GraphedUNet):
+            name = "pnp" if points == self.points else f"pnp:{hash(points)}"
+            self.models.unet.use(name, self.injector.controller)
 
     @property
     def window(self) -> int:
@@ -231,11 +273,17 @@ class Translator:
         (by index), for scoring (run --eval)."""
         results: list[Any] = [None] * len(sources)
         todo: dict[tuple, list[tuple[int, str, str, Any, torch.Tensor]]] = {}
+        seen_keys: dict[str, int] = {}  # feature key -> the first source with it here
+        same: list[tuple[int, int]] = []  # (source, earlier source with the same features): one inversion
         for i, (data, prompt) in enumerate(sources):
             t0 = time.perf_counter()
             try:
                 sha = self._sha256(data)
                 key = self._key(sha, prompt)
+                if key in seen_keys:  # e.g. groups of one source with different sweep settings
+                    same.append((i, seen_keys[key]))
+                    continue
+                seen_keys[key] = i
                 writing = self._feature_writes.get(key)
                 if writing is not None:
                     hit = (writing[0], None)
@@ -286,6 +334,10 @@ class Translator:
                                 "timesteps": self.timesteps, "width": size[0], "height": size[1]}
                         self._store_features(key, lat, meta)
                         results[i] = (lat, key, False, seconds)
+        for i, j in same:
+            results[i] = results[j] if isinstance(results[j], Exception) else (results[j][0], results[j][1], True, 0.0)
+            if not isinstance(results[j], Exception):
+                self.counters.cache_hits += 1
         return results
 
     def _sha256(self, data: bytes) -> str:
@@ -351,11 +403,16 @@ class Translator:
             fut.exception()  # waits; a failure was logged by _feature_written
 
     # -- the group ---------------------------------------------------------------------------
+    def _negative_mode(self, rows: list[Row]) -> str:
+        """The group's negative-prompt mode: a sweep's (the same for every row of a group) or the pipeline's."""
+        return rows[0].overrides.get("negative_prompt_mode", self.cfg.negative_prompt_mode)
+
     def _targets(self, rows: list[Row], latent_size: tuple[int, ...]) -> tuple[list[Target], list[str]]:
         cfg = self.cfg
+        mode = self._negative_mode(rows)
         negs = []
         for r in rows:
-            if cfg.negative_prompt_mode == "source":
+            if mode == "source":
                 negs.append(r.overrides.get("negative_prompt", r.source_prompt))
             else:
                 negs.append(r.overrides.get("negative_prompt", cfg.negative_prompt))
@@ -363,7 +420,7 @@ class Translator:
         neg = self.condition(negs, latent_size)
         alphas = (
             blend_alphas(cfg.negative_prompt_schedule, cfg.negative_prompt_alpha, cfg.steps)
-            if cfg.negative_prompt_mode == "blend"
+            if mode == "blend"
             else None
         )
         targets = []
@@ -382,13 +439,18 @@ class Translator:
         return targets, negs
 
     def translate(self, latents: torch.Tensor, rows: list[Row]) -> tuple[np.ndarray, list[str]]:
-        """Images (K, H, W, 3) uint8 for rows sharing the source latents; targets split to fit memory."""
-        per_target = 3 if self.cfg.negative_prompt_mode == "blend" else 2
+        """Images (K, H, W, 3) uint8 for rows sharing the source latents. The rows are one group: one
+        negative-prompt mode and one layer setting (Row.batch_key). All K targets are sampled in one
+        loop with ONE source branch per step: when they need more than `batch_size` elements, the
+        sampler splits each step into several UNet calls and the later calls reuse the source features
+        the first one recorded (a sweep's whole grid costs one source branch). Decoding goes in chunks."""
+        self.use_points(self.row_points(rows[0]))
+        per_target = 3 if self._negative_mode(rows) == "blend" else 2
         k_max = max(1, (self.max_batch - 1) // per_target)
         uncond = self.condition([""], latents.shape)
         images, negs = [], []
-        for start in range(0, len(rows), k_max):
-            chunk = rows[start : start + k_max]
+        for first in range(0, len(rows), MAX_TARGETS_PER_LOOP):  # bounds the latents held (huge grids)
+            chunk = rows[first : first + MAX_TARGETS_PER_LOOP]
             targets, chunk_negs = self._targets(chunk, latents.shape)
             out = pnp_sample(
                 self.models.unet,
@@ -403,7 +465,7 @@ class Translator:
             self.counters.sample_calls += out.unet_calls
             self.counters.sample_elements += out.batch_elements
             self.counters.source_elements += out.source_elements
-            images.append(self.decode(out.latents))
+            images += [self.decode(out.latents[start : start + k_max]) for start in range(0, len(chunk), k_max)]
             negs += chunk_negs
         return np.concatenate(images), negs
 

@@ -19,7 +19,7 @@ RATIO_KEYS = ("default_vs_reference_k1", "default_vs_reference_k4", "injection_o
 def _bench(tmp_path, *extra: str) -> dict:
     out = tmp_path / "bench.json"
     argv = ["bench", "--arch", "tiny", "--resolution", "64", "--steps", str(STEPS),
-            "--reference-inversion-steps", str(REF), "--sources", "1", "--json", str(out), *extra]
+            "--reference-inversion-steps", str(REF), "--sources", "1", "--repeats", "1", "--json", str(out), *extra]
     for k in KS:
         argv += ["--k", str(k)]
     assert main(argv) == 0

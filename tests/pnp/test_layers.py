@@ -27,8 +27,17 @@ def test_tiny_unet_is_sd_and_has_every_point(tiny_models):
 def test_unknown_layer_names_list_the_valid_ones(tiny_models):
     with pytest.raises(ValueError, match=r"unknown feature-injection block.*up_blocks\.9\.resnets\.0.*valid: up_blocks"):
         injection_points(tiny_models.unet, feature_blocks=("up_blocks.9.resnets.0",))
-    with pytest.raises(ValueError, match=r"unknown self-attention layer.*valid: up_blocks\.1\.attentions\.0"):
+    with pytest.raises(ValueError, match=r"unknown self-attention layer.*valid: the attention modules "
+                       r"up_blocks\.1\.attentions\.0"):
         injection_points(tiny_models.unet, attn_layers=("down_blocks.0.attentions.0.transformer_blocks.0.attn1",))
+
+
+def test_an_attention_module_stands_for_the_attn1_of_its_transformer_blocks(tiny_models):
+    unet = tiny_models.unet
+    got = injection_points(unet, attn_layers=("up_blocks.2.attentions.1", "up_blocks.3.attentions.0",
+                                              "up_blocks.2.attentions.1.transformer_blocks.0.attn1"))
+    assert got.attn_layers == ("up_blocks.2.attentions.1.transformer_blocks.0.attn1",
+                               "up_blocks.3.attentions.0.transformer_blocks.0.attn1")
 
 
 def test_injector_hooks_exactly_the_given_points(tiny_models):
