@@ -171,7 +171,7 @@ def _storage(items: list[str]) -> dict:
 
 def cmd_run(a: argparse.Namespace) -> int:
     from pnp_batch.config import load_config
-    from pnp_batch.engines.base import RunRequest, plan
+    from pnp_batch.engines.plan import RunRequest, plan
     from pnp_batch.io.lease import MIN_TTL
 
     opts = _storage(a.storage_option)

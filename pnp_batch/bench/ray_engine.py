@@ -73,8 +73,8 @@ def bench_ray_vs_local(rows: int = 8, sources: int = 4, steps: int = 8, resoluti
     import torch
 
     from pnp_batch.config import load_config
-    from pnp_batch.engines.base import RunRequest
     from pnp_batch.engines.local import LocalBackend
+    from pnp_batch.engines.plan import RunRequest
     from pnp_batch.engines.ray import RayBackend
 
     overrides = [f"steps={steps}", f"inversion_steps={inversion_steps or steps}", f"resolution={resolution}"]

@@ -8,79 +8,24 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-import numpy as np
-
 from pnp_batch import __version__
-from pnp_batch.config import PipelineConfig
+from pnp_batch.engines.plan import Plan, RunRequest, count_work, open_checked, work_groups
 from pnp_batch.engines.progress import Progress
-from pnp_batch.engines.stop import DEFAULT_GRACE, GraceExpired, StopRequest
+from pnp_batch.engines.stop import GraceExpired, StopRequest
 from pnp_batch.errors import ClusterLost, StoreUnavailable
 from pnp_batch.io import retry, storage
-from pnp_batch.io.done_index import DoneIndex
-from pnp_batch.io.lease import DEFAULT_TTL, Lease, LeaseHeld
-from pnp_batch.io.manifest import Manifest, Row, group_rows, open_manifest
+from pnp_batch.io.lease import Lease, LeaseHeld
+from pnp_batch.io.manifest import Manifest, Row
 from pnp_batch.io.metrics import ScoreWriter
 from pnp_batch.io.records import SCORES_FIELD
-from pnp_batch.io.results import ResultWriter, done_index, make_run_id, write_run_summary
-from pnp_batch.io.sweep import Sweep, SweptManifest
+from pnp_batch.io.results import ResultWriter, make_run_id, write_run_summary
 from pnp_batch.report.write import write_report, write_sweep_reports
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunRequest:
-    """Everything `pnp-batch run` was asked to do."""
-
-    manifest: str
-    out: str
-    cfg: PipelineConfig
-    features: str | None = None
-    limit: int | None = None
-    overwrite: bool = False
-    dry_run: bool = False
-    engine: str = "local"
-    ray_address: str | None = None
-    workers: int | None = None
-    gpus_per_worker: float | None = None
-    group_window: int = 256
-    report: bool = True
-    eval: bool = False  # score each row in the worker (run --eval); the driver writes OUT/eval/
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    grace_seconds: float = DEFAULT_GRACE  # in-flight work's time after SIGTERM/SIGINT
-    wait_for_lease: float | None = None  # seconds to wait for another run's lease (math.inf: no limit)
-    lease_ttl: float = DEFAULT_TTL
-    outage_timeout: float | None = None  # None: PNP_BATCH_OUTAGE_TIMEOUT, else retry.DEFAULT_OUTAGE_TIMEOUT
-    sweep: Sweep | None = None  # run --sweep: every manifest row expanded into the grid (io/sweep.py)
-
-    @property
-    def features_uri(self) -> str:
-        return self.features or storage.join(self.out, "features")
-
-    @property
-    def grid(self) -> int:
-        """Rows per manifest row: the sweep's settings, or 1."""
-        return self.sweep.size if self.sweep is not None else 1
-
-    @property
-    def row_limit(self) -> int | None:
-        """--limit counts manifest rows; with a sweep each of them is `grid` rows."""
-        return None if self.limit is None else self.limit * self.grid
-
-    def layer_settings(self) -> tuple[tuple[tuple[str, ...] | None, tuple[str, ...] | None], ...]:
-        """The injection-layer settings a sweep uses besides the pipeline's (the workers check them
-        against the model before any work: exit 2 naming the valid layers)."""
-        return self.sweep.layer_settings(self.cfg) if self.sweep is not None else ()
-
-    @property
-    def window_rows(self) -> int:
-        """Rows grouped at once: a whole number of grids, so a source's grid is never cut in two."""
-        return self.grid * max(1, -(-self.group_window // self.grid))
 
 
 class Backend(Protocol):
@@ -100,131 +45,6 @@ class Backend(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
     def stop(self) -> None: ...
-
-
-@dataclass
-class Plan:
-    total: int
-    done_before: int
-    todo: int
-
-
-def work_groups(manifest: Manifest, done: DoneIndex | Mapping[str, str], req: RunRequest,
-                counts: dict[str, int] | None = None) -> Iterator[list[Row]]:
-    """The groups (rows sharing a source) with rows not yet ok (all rows with --overwrite), streaming.
-
-    Groups are formed from every row, done or not, so they are the groups of an uninterrupted run. A
-    group's rows that are already ok stay in it as companions (translated, not written): a row's bytes
-    depend on the batch it is sampled in, so a row redone after a failure or a crash must share its
-    batch with the same rows as before to get the bytes an uninterrupted run gives it (CONTRACT).
-
-    Rows are grouped within consecutive windows of ``req.window_rows`` rows (io/manifest.group_rows;
-    with a sweep, a whole number of grids, so a source's grid is never cut in two).
-    The ids of a manifest batch are looked up in the done-index at once; a window whose rows are all
-    done yields nothing, so it is skipped without making its rows (a resume of ten million rows with
-    a few to redo makes Row objects only around those few).
-    """
-    index = done if isinstance(done, DoneIndex) else DoneIndex.from_mapping(done)
-    size = req.window_rows
-    window: list[Row] = []  # the rows of the window being filled (it spans batches)
-    window_todo = False
-    for start, batch in manifest.iter_batches(limit=req.row_limit):
-        n = batch.num_rows
-        ok = np.zeros(n, dtype=bool) if req.overwrite else index.is_ok(manifest.batch_ids(batch, start))
-        i = 0
-        while i < n:
-            end = min(n, ((start + i) // size + 1) * size - start)  # this window's end within the batch
-            todo = not ok[i:end].all()
-            if not window and end - i == size and not todo:
-                i = end  # a whole window, every row done: nothing from it
-                continue
-            rows = manifest.rows_of(batch, start, i, end)
-            window.extend(replace(r, companion=True) if k else r for r, k in zip(rows, ok[i:end].tolist()))
-            window_todo = window_todo or todo
-            if (start + end) % size == 0:
-                yield from _window_groups(window, window_todo, req.overwrite, counts)
-                window, window_todo = [], False
-            i = end
-    yield from _window_groups(window, window_todo, req.overwrite, counts)
-
-
-def _window_groups(rows: list[Row], todo: bool, overwrite: bool,
-                   counts: dict[str, int] | None) -> Iterator[list[Row]]:
-    """The groups of one window that have a row to do (every group with --overwrite)."""
-    if not rows or not todo:
-        return
-    for group in group_rows(rows, window=len(rows) + 1):
-        if overwrite:
-            yield group
-        elif not all(r.companion for r in group):
-            if counts is not None:
-                counts["companions"] = counts.get("companions", 0) + sum(r.companion for r in group)
-            yield group
-
-
-def windows(groups: Iterator[list[Row]], size: int) -> Iterator[list[list[Row]]]:
-    """Consecutive windows of `size` groups, the unit a worker translates at once (PipelineConfig.window:
-    their sources are inverted at once, `inversion_batch` per UNet call and `inversion_streams` calls
-    side by side). Both engines cut the same windows from the same group stream, so the same sources
-    share a batch on either."""
-    window: list[list[Row]] = []
-    for g in groups:
-        window.append(g)
-        if len(window) >= size:
-            yield window
-            window = []
-    if window:
-        yield window
-
-
-def plan(req: RunRequest) -> tuple[Manifest, DoneIndex, Plan]:
-    """Open and check the manifest (exit 2 on failure), read the done-index, count the work."""
-    manifest, total = open_checked(req)
-    done, p = count_work(req, manifest, total)
-    return manifest, done, p
-
-
-def open_run_manifest(req: RunRequest) -> Manifest | SweptManifest:
-    """The manifest, expanded into the sweep's grid when there is one."""
-    manifest = open_manifest(req.manifest)
-    return SweptManifest(manifest, req.sweep) if req.sweep is not None else manifest
-
-
-def open_checked(req: RunRequest) -> tuple[Manifest, int]:
-    """The manifest (expanded by --sweep), its ids checked (UsageError, exit 2, on a bad one), and its
-    row count under --limit (which counts manifest rows: with a sweep, each is a grid of rows)."""
-    manifest = open_run_manifest(req)
-    total = manifest.check_ids()
-    if req.row_limit is not None:
-        total = min(total, req.row_limit)
-    return manifest, total
-
-
-def count_work(req: RunRequest, manifest: Manifest, total: int) -> tuple[DoneIndex, Plan]:
-    """The done-index of OUT and the rows left to do.
-
-    Ids stream batch by batch against the done-index's sorted array (io/done_index.py): no Python
-    object per row, so ten million rows plan in bounded memory."""
-    done = DoneIndex.empty() if req.overwrite else done_index(req.out, req.cfg.hash())
-    if done:
-        _warn_other_config(req, done)
-    # counted from the id column alone (no image bytes, prompts or overrides decoded)
-    todo = total
-    if not req.overwrite:
-        for _, ids in manifest.iter_id_batches(limit=req.row_limit):
-            todo -= int(done.is_ok(ids).sum())
-    return done, Plan(total=total, done_before=total - todo, todo=todo)
-
-
-def _warn_other_config(req: RunRequest, done: DoneIndex) -> None:
-    """Rows done under another pipeline config stay done (resume is by id): say so, once."""
-    other = done.ok_other_config_count
-    if other:
-        log.warning(
-            "%d rows in %s were done with another pipeline config (config_hash differs from %s); they count "
-            "as done: use --overwrite to redo them with this one, or another --out",
-            other, req.out, req.cfg.hash(),
-        )
 
 
 def versions() -> dict[str, str]:

@@ -9,7 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
-from pnp_batch.engines.base import RunRequest, windows
+from pnp_batch.engines.plan import RunRequest, windows
 from pnp_batch.io.manifest import Row
 from pnp_batch.io.records import resolve
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pnp_batch.config import PipelineConfig
-from pnp_batch.engines.base import RunRequest, windows
+from pnp_batch.engines.plan import RunRequest, windows
 from pnp_batch.engines.ray_cluster import cluster_gone
 from pnp_batch.errors import ClusterLost, UsageError
 from pnp_batch.io import storage

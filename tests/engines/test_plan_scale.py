@@ -16,7 +16,7 @@ import pytest
 
 from pnp_batch.bench.data import write_synthetic_manifest, write_synthetic_results
 from pnp_batch.config import load_config
-from pnp_batch.engines.base import RunRequest, plan, work_groups
+from pnp_batch.engines.plan import RunRequest, plan, work_groups
 from pnp_batch.io import manifest as manifest_module
 from pnp_batch.io import results
 from pnp_batch.io.manifest import Manifest, Row, group_rows, open_manifest
@@ -113,7 +113,7 @@ op, manifest, out = sys.argv[1:]
 tracemalloc.start()
 if op == "dry_run":
     from pnp_batch.config import load_config
-    from pnp_batch.engines.base import RunRequest, plan
+    from pnp_batch.engines.plan import RunRequest, plan
     plan(RunRequest(manifest=manifest, out=out, cfg=load_config("tiny")))
 elif op == "status":
     from pnp_batch.io.results import status_report
