@@ -29,6 +29,14 @@ def _thumb(img: Image.Image) -> Image.Image:
     return img
 
 
+def _output_thumb(uri: str) -> Image.Image | None:
+    """A thumbnail of an output image, or None when it cannot be read (the sheet shows a blank)."""
+    try:
+        return _thumb(Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB"))
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def score_line(score: dict[str, Any] | None) -> str | None:
     """The scores shown under an output: CLIP score, its gain over the source, structure distance."""
     if not score:
@@ -82,11 +90,7 @@ def write_report(out: str, cfg: PipelineConfig, run_id: str, records: list[dict[
             note = score_line(scores.get(r["id"])) if r["status"] == "ok" else None
             notes.append(note)
             if r["status"] == "ok":
-                try:
-                    img = _thumb(Image.open(io.BytesIO(storage.read_bytes(r["output"]))).convert("RGB"))
-                except Exception:  # noqa: BLE001
-                    img = None
-                results.append((img, label))
+                results.append((_output_thumb(r["output"]), label))
                 html_results.append((f"../images/{storage.basename(r['output'])}", label,
                                      "ok" + (f" · {note}" if note else "")))
             else:
@@ -154,15 +158,11 @@ def write_sweep_sheet(out: str, max_pixels: int = 64_000_000) -> str | None:
                 results.append((None, f"{setting} [not run]"))
                 continue
             label = setting.replace(",", ", ")
-            sc = scores.get((r["id"], r["config_hash"]))
-            if sc is not None and sc.get("clip_score") is not None and sc.get("structure_dist") is not None:
-                label += f" | clip {sc['clip_score']:.2f} struct {sc['structure_dist']:.4f}"
+            note = score_line(scores.get((r["id"], r["config_hash"])))
+            if note:
+                label += f" | {note}"
             if r["status"] == "ok":
-                try:
-                    img = _thumb(Image.open(io.BytesIO(storage.read_bytes(r["output"]))).convert("RGB"))
-                except Exception:  # noqa: BLE001
-                    img = None
-                results.append((img, label))
+                results.append((_output_thumb(r["output"]), label))
             else:
                 results.append((None, f"{label} [{r.get('error')}]"))
         entries.append(SheetEntry(source=source, source_label=f"{source_id}: {first.get('target_prompt')}",

@@ -54,6 +54,22 @@ def test_a_layer_sdxl_lacks_is_refused_by_name(tiny_sdxl_models):
         injection_points(tiny_sdxl_models.unet, attn_layers=("up_blocks.2.attentions.0.transformer_blocks.0.attn1",))
 
 
+def test_layer_settings_by_number_follow_sdxl_decoder(tiny_sdxl_models):
+    """The layer keys' decoder numbers name SDXL's own layers (up_blocks[n // 3], n % 3; all transformer
+    blocks of an attention module), so its layer ablation is written as SD's is."""
+    from pnp_batch.config import parse_layers
+
+    unet = tiny_sdxl_models.unet
+    pts = injection_points(unet, parse_layers("pnp_feature_blocks", "1"), parse_layers("pnp_attn_layers", "1-5"))
+    assert pts == default_points(unet)  # SDXL's table, spelled as decoder layers
+    pts = injection_points(unet, None, parse_layers("pnp_attn_layers", "3"))
+    assert pts.attn_layers == ("up_blocks.1.attentions.0.transformer_blocks.0.attn1",
+                               "up_blocks.1.attentions.0.transformer_blocks.1.attn1")
+    with pytest.raises(ValueError, match=r"unknown self-attention layer.*up_blocks\.2\.attentions\.0.*valid: "
+                       r"the attention modules up_blocks\.0\.attentions\.0"):
+        injection_points(unet, None, parse_layers("pnp_attn_layers", "6"))  # the finest block has no attention
+
+
 def test_refiner_and_inpainting_unets_are_not_recognised():
     from diffusers import UNet2DConditionModel
 
