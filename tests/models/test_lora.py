@@ -223,8 +223,10 @@ def test_configs_without_the_new_keys_keep_their_hash():
     import hashlib
     import json
 
-    from pnp_batch.config import EVAL_KEYS  # the metric models score images, they never change them
-    from pnp_batch.config import LAYER_KEYS  # the injection layers count when set (docs/sweeps.md)
+    from pnp_batch.config import (
+        EVAL_KEYS,  # the metric models score images, they never change them
+        LAYER_KEYS,  # the injection layers count when set (docs/sweeps.md)
+    )
 
     for preset in ("tiny", "sd21-base", "sd15"):
         cfg = load_config(preset)
