@@ -12,7 +12,7 @@ from PIL import Image
 
 from pnp_batch.config import load_config
 from pnp_batch.io.rows import Row
-from pnp_batch.translate import translator as worker_module
+from pnp_batch.translate import sources as worker_module
 from pnp_batch.translate.translator import Translator
 
 STEPS = 4
