@@ -115,10 +115,23 @@ def injection_points(unet, feature_blocks: tuple[str, ...] | None = None,
     unknown = [n for n in points.feature_blocks if n not in feature_block_names(unet)]
     if unknown:
         raise ValueError(f"unknown feature-injection block(s) {unknown} for this UNet; valid: "
-                         f"{', '.join(feature_block_names(unet))}")
+                         f"{', '.join(feature_block_names(unet))} (decoder layers {_numbers(feature_block_names(unet))})")
     unknown = [n for n in points.attn_layers if n not in valid_attn]
     if unknown:
+        modules = attention_module_names(unet)
         raise ValueError(f"unknown self-attention layer(s) {unknown} for this UNet; valid: the attention modules "
-                         f"{', '.join(attention_module_names(unet))} (each: all its transformer blocks' attn1), "
-                         f"or one attn1 of them such as {valid_attn[0]}")
+                         f"{', '.join(modules)} (decoder layers {_numbers(modules)}; each: all its transformer "
+                         f"blocks' attn1), or one attn1 of them such as {valid_attn[0]}")
     return points
+
+
+def _numbers(paths: list[str]) -> str:
+    """Module paths `up_blocks.B.<kind>.L` as the paper's decoder layer numbers 3B + L, e.g. '3-11'."""
+    nums = sorted({3 * int(p.split(".")[1]) + int(p.split(".")[3]) for p in paths})
+    runs: list[list[int]] = []
+    for n in nums:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)

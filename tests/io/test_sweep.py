@@ -152,6 +152,7 @@ def test_cli_layers_the_model_lacks_exit_2_naming_the_valid_ones(tmp_path, make_
     err = capsys.readouterr().err
     assert "up_blocks.0.attentions.0" in err or "up_blocks.1.resnets.7" in err
     assert "valid:" in err and ("up_blocks.3.attentions.2" in err or "up_blocks.1.resnets.1" in err)
+    assert "decoder layers 3-11" in err or "decoder layers 0-11" in err
     assert not list(out.rglob("*.parquet")) and not list(out.rglob("*.png"))
 
 
