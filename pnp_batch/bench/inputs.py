@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -86,6 +87,32 @@ def bench_settings(args, device: torch.device) -> dict[str, Any]:
     }
 
 
+def _cpu_times() -> tuple[float, float] | None:
+    """(busy, total) CPU time of the whole machine so far, from /proc/stat (None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(seconds: float = 1.0) -> tuple[float, str]:
+    """How many cores other processes keep busy now: sampled over `seconds` from /proc/stat, else the
+    1-minute load average. The sample, not the load average, decides: right after another run ends
+    (a back-to-back bench) the load average still counts that run for a minute or more."""
+    first = _cpu_times()
+    if first is not None:
+        time.sleep(seconds)
+        second = _cpu_times()
+        if second is not None and second[1] > first[1]:
+            share = (second[0] - first[0]) / (second[1] - first[1])
+            return share * (os.cpu_count() or 1), f"{share * 100:.0f}% of the CPUs busy over {seconds:g} s"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return load, f"load average {load:.1f}"
+
+
 def set_threads(device: torch.device) -> str:
     """CPU threads for the run. OpenMP threads spin-wait; on a CPU that other processes keep busy that
     makes every op many times slower (measured here: 0.57 s vs 0.03 s per tiny UNet call), so a
@@ -94,13 +121,14 @@ def set_threads(device: torch.device) -> str:
         return f"torch threads {torch.get_num_threads()}"
     env = os.environ.get("PNP_BENCH_THREADS")
     cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if env:
         torch.set_num_threads(int(env))
         why = "PNP_BENCH_THREADS"
-    elif load > cores * 0.75 and torch.get_num_threads() > 1:
-        torch.set_num_threads(1)
-        why = f"load average {load:.1f} on {cores} cores: other processes compete, so one thread"
     else:
-        why = f"load average {load:.1f} on {cores} cores"
+        busy, seen = busy_cores()
+        if busy > cores * 0.75 and torch.get_num_threads() > 1:
+            torch.set_num_threads(1)
+            why = f"{seen} on {cores} cores: other processes compete, so one thread"
+        else:
+            why = f"{seen} on {cores} cores"
     return f"torch threads {torch.get_num_threads()} ({why})"
