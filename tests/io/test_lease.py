@@ -91,12 +91,14 @@ def _write_expired(out: str, run_id: str = "crashed") -> None:
 def test_a_lapsed_lease_is_taken_over_by_exactly_one(out):
     _write_expired(out)
     results: dict[str, str] = {}
+    leases: dict[str, Lease] = {}
     barrier = threading.Barrier(4)
 
     def contend(name: str) -> None:
         barrier.wait()
+        leases[name] = lease = Lease(out, name, ttl=60)
         try:
-            Lease(out, name, ttl=60).acquire()
+            lease.acquire()
             results[name] = "took"
         except LeaseHeld:
             results[name] = "refused"
@@ -108,7 +110,10 @@ def test_a_lapsed_lease_is_taken_over_by_exactly_one(out):
         t.join(60)
     assert sorted(results.values()) == ["refused", "refused", "refused", "took"], results
     winner = next(k for k, v in results.items() if v == "took")
-    assert read_holder(out).run_id == winner
+    try:
+        assert read_holder(out).run_id == winner
+    finally:
+        leases[winner].release()  # its heartbeat would otherwise outlive the test (and the S3 endpoint)
 
 
 def test_heartbeat_keeps_a_short_lease_alive(out):
