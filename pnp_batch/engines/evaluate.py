@@ -235,7 +235,7 @@ class RayScoring:
     def start(self) -> None:
         import ray
 
-        from pnp_batch.engines.ray import worker_env
+        from pnp_batch.engines.ray_worker import worker_env
 
         env = worker_env()
         if ray.is_initialized():

@@ -30,27 +30,27 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from pnp_batch.errors import UsageError
 from pnp_batch.io import storage
+from pnp_batch.io.manifest_schema import (
+    FLOAT_COLUMNS,
+    KNOWN_COLUMNS,
+    OVERRIDE_COLUMNS,
+    PARQUET_SUFFIXES,
+    ManifestError,
+    check_schema,
+    csv_convert_options,
+    csv_parse_options,
+    kind_of,
+    read_schema,
+)
 from pnp_batch.io.rows import Row
 
 logger = logging.getLogger(__name__)
 
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _ID_RE = re.compile(ID_PATTERN)
-OVERRIDE_COLUMNS = ("negative_prompt", "seed", "guidance_scale", "pnp_f_t", "pnp_attn_t")
-STRING_COLUMNS = ("id", "image", "source_prompt", "target_prompt", "negative_prompt")
-FLOAT_COLUMNS = ("guidance_scale", "pnp_f_t", "pnp_attn_t")
-KNOWN_COLUMNS = ("id", "image", "image_bytes", "source_prompt", "target_prompt", *OVERRIDE_COLUMNS)
 BATCH_ROWS = 65_536
-_PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
-_CSV_SUFFIXES = (".csv", ".tsv")
-_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _MAX_LISTED = 10
-
-
-class ManifestError(UsageError):
-    """The manifest cannot be used at all (exit status 2)."""
 
 
 def derive_id(image_ref: str | None, source_prompt: str, target_prompt: str, overrides: dict[str, Any]) -> str:
@@ -62,62 +62,6 @@ def derive_id(image_ref: str | None, source_prompt: str, target_prompt: str, ove
         separators=(",", ":"),
     )
     return "r" + hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
-
-
-def _is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
-
-def _is_binary(t: pa.DataType) -> bool:
-    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t) or (
-        pa.types.is_binary_view(t)
-    )
-
-
-def _check_schema(schema: pa.Schema, where: str) -> None:
-    names = set(schema.names)
-    missing = []
-    if "target_prompt" not in names:
-        missing.append("'target_prompt'")
-    if "image" not in names and "image_bytes" not in names:
-        missing.append("'image' or 'image_bytes'")
-    if missing:
-        raise ManifestError(
-            f"{where}: missing required column {' and '.join(missing)}; columns are: {', '.join(schema.names)}"
-        )
-    wrong = []
-    for f in schema:
-        t = f.type
-        if pa.types.is_null(t) or f.name not in KNOWN_COLUMNS:
-            continue
-        if f.name == "id":
-            ok = _is_string(t) or pa.types.is_integer(t)
-        elif f.name == "image_bytes":
-            ok = _is_binary(t) or _is_string(t)
-        elif f.name in STRING_COLUMNS:
-            ok = _is_string(t) or pa.types.is_dictionary(t) and _is_string(t.value_type)
-        elif f.name == "seed":
-            ok = pa.types.is_integer(t) or pa.types.is_floating(t)
-        else:
-            ok = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
-        if not ok:
-            want = {
-                "id": "string", "image_bytes": "binary", "seed": "integer",
-            }.get(f.name, "string" if f.name in STRING_COLUMNS else "number")
-            wrong.append(f"'{f.name}' is {t}, expected {want}")
-    if wrong:
-        raise ManifestError(f"{where}: wrong column type: {'; '.join(wrong)}")
-
-
-def _kind(uri: str) -> str:
-    low = uri.lower().rstrip("/")
-    if low.endswith(_PARQUET_SUFFIXES):
-        return "parquet"
-    if low.endswith(_CSV_SUFFIXES):
-        return "csv"
-    if low.endswith(_JSON_SUFFIXES):
-        return "jsonl"
-    return "unknown"
 
 
 class Manifest:
@@ -169,8 +113,8 @@ class Manifest:
             reader = pacsv.open_csv(
                 fh,
                 read_options=pacsv.ReadOptions(block_size=1 << 22),
-                parse_options=_csv_parse_options(uri),
-                convert_options=_csv_convert_options(cols),
+                parse_options=csv_parse_options(uri),
+                convert_options=csv_convert_options(cols),
             )
             for batch in reader:
                 yield from _rebatch(batch, batch_rows)
@@ -363,22 +307,6 @@ def _rebatch(batch: pa.RecordBatch, rows: int) -> Iterator[pa.RecordBatch]:
         yield batch.slice(start, rows)
 
 
-def _csv_parse_options(uri: str) -> pacsv.ParseOptions:
-    return pacsv.ParseOptions(delimiter="\t" if uri.lower().endswith(".tsv") else ",", newlines_in_values=True)
-
-
-def _csv_convert_options(cols: list[str] | None = None) -> pacsv.ConvertOptions:
-    types: dict[str, pa.DataType] = {c: pa.string() for c in STRING_COLUMNS}
-    types["image_bytes"] = pa.string()
-    types["seed"] = pa.int64()
-    types.update({c: pa.float64() for c in FLOAT_COLUMNS})
-    return pacsv.ConvertOptions(
-        column_types=types,
-        strings_can_be_null=True,
-        include_columns=cols,
-    )
-
-
 def _overrides(rec: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     out: dict[str, Any] = {}
     problems: list[str] = []
@@ -411,84 +339,21 @@ def _overrides(rec: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return out, problems
 
 
-def _read_schema(uri: str, kind: str) -> pa.Schema:
-    try:
-        with storage.open_input(uri) as fh:
-            if kind == "parquet":
-                return pq.ParquetFile(fh).schema_arrow
-            if kind == "csv":
-                reader = pacsv.open_csv(
-                    fh,
-                    read_options=pacsv.ReadOptions(block_size=1 << 20),
-                    parse_options=_csv_parse_options(uri),
-                    convert_options=_csv_convert_options(),
-                )
-                return reader.schema
-            return _json_schema(fh)
-    except FileNotFoundError:
-        raise ManifestError(storage.redact(f"manifest not found: {uri}")) from None
-    except (OSError, pa.ArrowException, ValueError) as e:
-        raise ManifestError(storage.redact(f"cannot read manifest {uri}: {e}")) from None
-
-
-def _json_schema(fh: Any, sample_lines: int = 10_000) -> pa.Schema:
-    """Columns of a JSON Lines file: the union of keys over the first lines, with known types."""
-    names: dict[str, None] = {}
-    inferred: dict[str, pa.DataType] = {}
-    for n, line in enumerate(fh):
-        if n >= sample_lines:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise ManifestError(f"line {n + 1} is not valid JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise ManifestError(
-                f"line {n + 1} is not a JSON object (JSON manifests are JSON Lines: one object per line)"
-            )
-        for k, v in obj.items():
-            names.setdefault(k)
-            if v is not None and k not in inferred:
-                try:
-                    inferred[k] = pa.array([v]).type
-                except (pa.ArrowException, ValueError, TypeError):
-                    inferred[k] = pa.string()
-    fields = []
-    for k in names:
-        if k in STRING_COLUMNS or k == "image_bytes":
-            t = inferred.get(k, pa.string())
-            if not (_is_string(t) or pa.types.is_integer(t)):
-                fields.append(pa.field(k, t))
-                continue
-            fields.append(pa.field(k, pa.string() if k != "id" or _is_string(t) else pa.int64()))
-        elif k == "seed":
-            fields.append(pa.field(k, inferred.get(k, pa.int64())))
-        elif k in FLOAT_COLUMNS:
-            t = inferred.get(k, pa.float64())
-            fields.append(pa.field(k, pa.float64() if pa.types.is_integer(t) else t))
-        else:
-            fields.append(pa.field(k, inferred.get(k, pa.string())))
-    return pa.schema(fields)
-
-
 def open_manifest(uri: str) -> Manifest:
     """Open a manifest file, or a folder/prefix of Parquet files, from any URI."""
     if not storage.is_remote(uri):  # relative image paths must not depend on a worker's cwd
         uri = os.path.abspath(storage.filesystem(uri)[1])
-    kind = _kind(uri)
+    kind = kind_of(uri)
     is_dir = storage.is_dir(uri)
     if kind == "unknown" or is_dir:
         if is_dir:
             files = storage.list_files(uri)
-            parquet = [f for f in files if f.lower().endswith(_PARQUET_SUFFIXES)]
+            parquet = [f for f in files if f.lower().endswith(PARQUET_SUFFIXES)]
             if not parquet:
                 raise ManifestError(f"no Parquet files under {storage.redact(uri)}")
-            schemas = [_read_schema(f, "parquet") for f in parquet]
+            schemas = [read_schema(f, "parquet") for f in parquet]
             for f, s in zip(parquet, schemas):
-                _check_schema(s, f)
+                check_schema(s, f)
             try:
                 schema = pa.unify_schemas(schemas, promote_options="permissive")
             except (pa.ArrowException, TypeError) as e:
@@ -497,8 +362,8 @@ def open_manifest(uri: str) -> Manifest:
         if not storage.exists(uri):
             raise ManifestError(f"manifest not found: {storage.redact(uri)}")
         kind = "parquet"  # unknown extension: Parquet is the documented format
-    schema = _read_schema(uri, kind)
-    _check_schema(schema, uri)
+    schema = read_schema(uri, kind)
+    check_schema(schema, uri)
     return Manifest(uri, [uri], kind, schema, storage.parent(uri))
 
 

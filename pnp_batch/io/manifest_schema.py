@@ -1,0 +1,162 @@
+"""A manifest's columns and files: the known columns and their types, which format a file is
+(Parquet, CSV, JSON Lines), its schema and the check of it. io/manifest.py reads the rows."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pnp_batch.errors import UsageError
+from pnp_batch.io import storage
+
+OVERRIDE_COLUMNS = ("negative_prompt", "seed", "guidance_scale", "pnp_f_t", "pnp_attn_t")
+STRING_COLUMNS = ("id", "image", "source_prompt", "target_prompt", "negative_prompt")
+FLOAT_COLUMNS = ("guidance_scale", "pnp_f_t", "pnp_attn_t")
+KNOWN_COLUMNS = ("id", "image", "image_bytes", "source_prompt", "target_prompt", *OVERRIDE_COLUMNS)
+
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+CSV_SUFFIXES = (".csv", ".tsv")
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+class ManifestError(UsageError):
+    """The manifest cannot be used at all (exit status 2)."""
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t) or (
+        pa.types.is_binary_view(t)
+    )
+
+
+def check_schema(schema: pa.Schema, where: str) -> None:
+    names = set(schema.names)
+    missing = []
+    if "target_prompt" not in names:
+        missing.append("'target_prompt'")
+    if "image" not in names and "image_bytes" not in names:
+        missing.append("'image' or 'image_bytes'")
+    if missing:
+        raise ManifestError(
+            f"{where}: missing required column {' and '.join(missing)}; columns are: {', '.join(schema.names)}"
+        )
+    wrong = []
+    for f in schema:
+        t = f.type
+        if pa.types.is_null(t) or f.name not in KNOWN_COLUMNS:
+            continue
+        if f.name == "id":
+            ok = _is_string(t) or pa.types.is_integer(t)
+        elif f.name == "image_bytes":
+            ok = _is_binary(t) or _is_string(t)
+        elif f.name in STRING_COLUMNS:
+            ok = _is_string(t) or pa.types.is_dictionary(t) and _is_string(t.value_type)
+        elif f.name == "seed":
+            ok = pa.types.is_integer(t) or pa.types.is_floating(t)
+        else:
+            ok = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+        if not ok:
+            want = {
+                "id": "string", "image_bytes": "binary", "seed": "integer",
+            }.get(f.name, "string" if f.name in STRING_COLUMNS else "number")
+            wrong.append(f"'{f.name}' is {t}, expected {want}")
+    if wrong:
+        raise ManifestError(f"{where}: wrong column type: {'; '.join(wrong)}")
+
+
+def kind_of(uri: str) -> str:
+    low = uri.lower().rstrip("/")
+    if low.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if low.endswith(CSV_SUFFIXES):
+        return "csv"
+    if low.endswith(JSON_SUFFIXES):
+        return "jsonl"
+    return "unknown"
+
+
+def csv_parse_options(uri: str) -> pacsv.ParseOptions:
+    return pacsv.ParseOptions(delimiter="\t" if uri.lower().endswith(".tsv") else ",", newlines_in_values=True)
+
+
+def csv_convert_options(cols: list[str] | None = None) -> pacsv.ConvertOptions:
+    types: dict[str, pa.DataType] = {c: pa.string() for c in STRING_COLUMNS}
+    types["image_bytes"] = pa.string()
+    types["seed"] = pa.int64()
+    types.update({c: pa.float64() for c in FLOAT_COLUMNS})
+    return pacsv.ConvertOptions(
+        column_types=types,
+        strings_can_be_null=True,
+        include_columns=cols,
+    )
+
+
+def read_schema(uri: str, kind: str) -> pa.Schema:
+    try:
+        with storage.open_input(uri) as fh:
+            if kind == "parquet":
+                return pq.ParquetFile(fh).schema_arrow
+            if kind == "csv":
+                reader = pacsv.open_csv(
+                    fh,
+                    read_options=pacsv.ReadOptions(block_size=1 << 20),
+                    parse_options=csv_parse_options(uri),
+                    convert_options=csv_convert_options(),
+                )
+                return reader.schema
+            return _json_schema(fh)
+    except FileNotFoundError:
+        raise ManifestError(storage.redact(f"manifest not found: {uri}")) from None
+    except (OSError, pa.ArrowException, ValueError) as e:
+        raise ManifestError(storage.redact(f"cannot read manifest {uri}: {e}")) from None
+
+
+def _json_schema(fh: Any, sample_lines: int = 10_000) -> pa.Schema:
+    """Columns of a JSON Lines file: the union of keys over the first lines, with known types."""
+    names: dict[str, None] = {}
+    inferred: dict[str, pa.DataType] = {}
+    for n, line in enumerate(fh):
+        if n >= sample_lines:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise ManifestError(f"line {n + 1} is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise ManifestError(
+                f"line {n + 1} is not a JSON object (JSON manifests are JSON Lines: one object per line)"
+            )
+        for k, v in obj.items():
+            names.setdefault(k)
+            if v is not None and k not in inferred:
+                try:
+                    inferred[k] = pa.array([v]).type
+                except (pa.ArrowException, ValueError, TypeError):
+                    inferred[k] = pa.string()
+    fields = []
+    for k in names:
+        if k in STRING_COLUMNS or k == "image_bytes":
+            t = inferred.get(k, pa.string())
+            if not (_is_string(t) or pa.types.is_integer(t)):
+                fields.append(pa.field(k, t))
+                continue
+            fields.append(pa.field(k, pa.string() if k != "id" or _is_string(t) else pa.int64()))
+        elif k == "seed":
+            fields.append(pa.field(k, inferred.get(k, pa.int64())))
+        elif k in FLOAT_COLUMNS:
+            t = inferred.get(k, pa.float64())
+            fields.append(pa.field(k, pa.float64() if pa.types.is_integer(t) else t))
+        else:
+            fields.append(pa.field(k, inferred.get(k, pa.string())))
+    return pa.schema(fields)
