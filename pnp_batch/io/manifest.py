@@ -64,7 +64,23 @@ def derive_id(image_ref: str | None, source_prompt: str, target_prompt: str, ove
     return "r" + hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-class Manifest:
+class RowStream:
+    """Rows and ids one at a time, from the batch interface a manifest reader provides (``iter_batches``,
+    ``rows_of``, ``iter_id_batches``): a Manifest, and a manifest expanded by a sweep (io/sweep.py)."""
+
+    def iter_rows(self, limit: int | None = None, batch_rows: int | None = None) -> Iterator[Row]:
+        """Stream :class:`Row` objects (at most ``limit``), batch by batch."""
+        for start, batch in self.iter_batches(limit, batch_rows):
+            yield from self.rows_of(batch, start)
+
+    def iter_ids(self) -> Iterator[tuple[int, str]]:
+        """(row index, id) for every row (Python strings: small manifests; see ``iter_id_batches``)."""
+        for start, ids in self.iter_id_batches():
+            for i, rid in enumerate(ids.to_pylist()):
+                yield start + i, rid
+
+
+class Manifest(RowStream):
     """A manifest opened for streaming; see :func:`open_manifest`."""
 
     def __init__(self, uri: str, files: list[str], kind: str, schema: pa.Schema, base_dir: str) -> None:
@@ -128,11 +144,6 @@ class Manifest:
             )
             for batch in reader:
                 yield from _rebatch(batch.select(cols), batch_rows)
-
-    def iter_rows(self, limit: int | None = None, batch_rows: int | None = None) -> Iterator[Row]:
-        """Stream :class:`Row` objects (at most ``limit``), batch by batch."""
-        for start, batch in self.iter_batches(limit, batch_rows):
-            yield from self.rows_of(batch, start)
 
     def iter_batches(self, limit: int | None = None, batch_rows: int | None = None,
                      columns: list[str] | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
@@ -202,12 +213,6 @@ class Manifest:
             extra={c: rec.get(c) for c in extra_cols},
             error="; ".join(problems) if problems else None,
         )
-
-    def iter_ids(self) -> Iterator[tuple[int, str]]:
-        """(row index, id) for every row (Python strings: small manifests; see :meth:`iter_id_batches`)."""
-        for start, ids in self.iter_id_batches():
-            for i, rid in enumerate(ids.to_pylist()):
-                yield start + i, rid
 
     def iter_id_batches(self, limit: int | None = None) -> Iterator[tuple[int, pa.Array]]:
         """(index of the first row, ids as ``large_string``) batch by batch, over the first ``limit``

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from pnp_batch.config import GROUP_KEYS, LAYER_KEYS, ROW_OVERRIDES, ConfigError, PipelineConfig, parse_layers
 from pnp_batch.errors import UsageError
-from pnp_batch.io.manifest import BATCH_ROWS, Manifest, ManifestError
+from pnp_batch.io.manifest import BATCH_ROWS, Manifest, ManifestError, RowStream
 from pnp_batch.io.rows import Row
 
 SWEEP_KEYS = (*ROW_OVERRIDES, *GROUP_KEYS)
@@ -159,7 +159,7 @@ class GridBatch:
         self.num_rows = num_rows
 
 
-class SweptManifest:
+class SweptManifest(RowStream):
     """A manifest whose every row is expanded into the sweep's grid; reads like a Manifest (the batch
     interface the planner streams: iter_batches, batch_ids, rows_of, iter_id_batches, check_ids).
 
@@ -249,10 +249,6 @@ class SweptManifest:
             rows.extend(self.expand(row, range(lo, hi)))
         return rows
 
-    def iter_rows(self, limit: int | None = None, batch_rows: int | None = None) -> Iterator[Row]:
-        for start, batch in self.iter_batches(limit, batch_rows):
-            yield from self.rows_of(batch, start)
-
     def iter_id_batches(self, limit: int | None = None) -> Iterator[tuple[int, pa.Array]]:
         """(index of the first expanded row, expanded ids as ``large_string``) slice by slice."""
         for start, ids in self.manifest.iter_id_batches(self._sources(limit)):
@@ -263,11 +259,6 @@ class SweptManifest:
                 if n <= 0:
                     return
                 yield first, self._derive(part, n)
-
-    def iter_ids(self) -> Iterator[tuple[int, str]]:
-        for start, ids in self.iter_id_batches():
-            for k, rid in enumerate(ids.to_pylist()):
-                yield start + k, rid
 
     def check_ids(self) -> int:
         """Expanded row count; duplicate manifest ids are a ManifestError. Derived ids of distinct ids

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,20 +172,30 @@ def save_test_model(pipe: Any, out: Path, scheduler: dict[str, Any], tokenizers:
     return out
 
 
-def _builder_hash() -> str:
-    """Changes whenever the recipe of the tiny model changes, so a stale cached build is never used."""
-    import inspect
-
-    h = hashlib.sha256(inspect.getsource(make_test_model).encode())
+def builder_hash(*recipes: str) -> str:
+    """A short hash of a test model's recipe (the source of the code that builds it) and the tokenizer
+    files it ships: it changes whenever the recipe does, so a stale cached build is never used."""
+    h = hashlib.sha256()
+    for source in recipes:
+        h.update(source.encode())
     for name in ("vocab.json", "merges.txt"):
         h.update((TOKENIZER_ASSETS / name).read_bytes())
     return h.hexdigest()[:10]
 
 
+def cached_model(version: str, recipe_hash: str, build: Callable[[Path], Any], what: str) -> Path:
+    """A test model in the local cache (`{version}-{recipe_hash}`), built on first use (seconds, no
+    download)."""
+    path = cache_dir() / f"{version}-{recipe_hash}"
+    if not (path / "model_index.json").is_file():
+        log.info("building the offline %s in %s", what, path)
+        build(path)
+    return path
+
+
 def tiny_model_dir() -> Path:
     """The tiny model in the local cache, built on first use (a few seconds, no download)."""
-    path = cache_dir() / f"{TINY_VERSION}-{_builder_hash()}"
-    if not (path / "model_index.json").is_file():
-        log.info("building the offline test model in %s", path)
-        make_test_model(path)
-    return path
+    import inspect
+
+    return cached_model(TINY_VERSION, builder_hash(inspect.getsource(make_test_model)), make_test_model,
+                        "test model")

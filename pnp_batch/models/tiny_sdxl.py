@@ -11,7 +11,6 @@ factor 0.13025 and its scheduler config.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pnp_batch.models.tiny import TOKENIZER_ASSETS, cache_dir, save_test_model, sd_vae
+from pnp_batch.models.tiny import TOKENIZER_ASSETS, builder_hash, cached_model, save_test_model, sd_vae
 
 log = logging.getLogger(__name__)
 
@@ -135,21 +134,10 @@ def make_tiny_sdxl(out_dir: str | os.PathLike, seed: int = TINY_SDXL_SEED) -> Pa
                            {"name": TINY_SDXL_VERSION, "seed": seed})
 
 
-def _builder_hash() -> str:
-    """Changes whenever the recipe changes, so a stale cached build is never used."""
+def tiny_sdxl_dir() -> Path:
+    """The tiny SDXL model in the local cache, built on first use (a few seconds, no download)."""
     import inspect
     import sys
 
-    h = hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode())
-    for name in ("vocab.json", "merges.txt"):
-        h.update((TOKENIZER_ASSETS / name).read_bytes())
-    return h.hexdigest()[:10]
-
-
-def tiny_sdxl_dir() -> Path:
-    """The tiny SDXL model in the local cache, built on first use (a few seconds, no download)."""
-    path = cache_dir() / f"{TINY_SDXL_VERSION}-{_builder_hash()}"
-    if not (path / "model_index.json").is_file():
-        log.info("building the offline SDXL test model in %s", path)
-        make_tiny_sdxl(path)
-    return path
+    recipe = builder_hash(inspect.getsource(sys.modules[__name__]))
+    return cached_model(TINY_SDXL_VERSION, recipe, make_tiny_sdxl, "SDXL test model")

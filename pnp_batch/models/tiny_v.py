@@ -8,14 +8,13 @@ conversion, the scheduler's own in sampling) runs offline through the normal fol
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
 import os
 from pathlib import Path
 
-from pnp_batch.models.tiny import TINY_SEED, TOKENIZER_ASSETS, cache_dir, make_test_model
+from pnp_batch.models.tiny import TINY_SEED, builder_hash, cached_model, make_test_model
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +35,7 @@ def make_test_model_v(out_dir: str | os.PathLike, seed: int = TINY_SEED) -> Path
     return out
 
 
-def _builder_hash() -> str:
-    h = hashlib.sha256(inspect.getsource(make_test_model).encode())
-    h.update(inspect.getsource(make_test_model_v).encode())
-    for name in ("vocab.json", "merges.txt"):
-        h.update((TOKENIZER_ASSETS / name).read_bytes())
-    return h.hexdigest()[:10]
-
-
 def tiny_v_model_dir() -> Path:
     """The tiny v-prediction model in the local cache, built on first use (seconds, no download)."""
-    path = cache_dir() / f"{TINY_V_VERSION}-{_builder_hash()}"
-    if not (path / "model_index.json").is_file():
-        log.info("building the offline v-prediction test model in %s", path)
-        make_test_model_v(path)
-    return path
+    recipe = builder_hash(inspect.getsource(make_test_model), inspect.getsource(make_test_model_v))
+    return cached_model(TINY_V_VERSION, recipe, make_test_model_v, "v-prediction test model")
