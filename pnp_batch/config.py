@@ -14,8 +14,7 @@ from typing import Any
 import yaml
 
 from pnp_batch.errors import UsageError
-
-PRESET_DIR = Path(__file__).parent / "pipelines"
+from pnp_batch.resources import PRESET_DIR
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 RESIZE_MODES = ("short_side", "center_crop")

@@ -33,12 +33,11 @@ import torch
 
 from pnp_batch.errors import UsageError
 from pnp_batch.filehash import file_sha256
+from pnp_batch.resources import CLIP_BPE, CONFIG_ASSETS
 
 log = logging.getLogger(__name__)
 
 FAMILIES = ("sd15", "sd21", "sd21-base", "sdxl")
-CONFIG_ASSETS = Path(__file__).parent.parent / "assets" / "model_configs"
-CLIP_BPE = Path(__file__).parent.parent / "assets" / "clip_bpe" / "clip_merges.txt.gz"
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 _UNET = "model.diffusion_model."

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
+from pnp_batch.resources import TOKENIZER_ASSETS
+
 log = logging.getLogger(__name__)
 
 TINY_VERSION = "tiny-v1"
 TINY_SEED = 0
-TOKENIZER_ASSETS = Path(__file__).parent.parent / "assets" / "tiny_tokenizer"
 TEST_MODEL_NOTE = "random-weight test model: outputs show the plumbing, not quality"
 
 # SD 2.1-base's scheduler config (the tiny model ships the same one, so the schedules match SD's).
