@@ -128,6 +128,11 @@ def flag(argv: list[str], name: str) -> str | None:
     return value
 
 
+def lock_pins(path: Path) -> dict[str, str]:
+    """name -> version of every pin in a lock file (requirements/*.lock)."""
+    return dict(re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", path.read_text(encoding="utf-8"), flags=re.MULTILINE))
+
+
 def dockerfile_args() -> dict[str, str]:
     text = (INFRA / "Dockerfile").read_text(encoding="utf-8")
     return {m[0]: m[1].strip('"') for m in re.findall(r"^ARG\s+(\w+)(?:=(\S*))?", text, flags=re.MULTILINE)}
@@ -475,9 +480,12 @@ def test_dockerfile_builds_a_cuda_image_with_optional_baked_weights() -> None:
         "nvidia/cuda:"
     )
     assert "runtime" in args["CUDA_IMAGE"]
-    assert args["TORCH_INDEX_URL"].startswith("https://download.pytorch.org/whl/cu")
-    assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"])
-    assert '--index-url "${TORCH_INDEX_URL}"' in text and "torch==${TORCH_VERSION}" in text
+    # every package from the GPU lock, without resolution; its torch is a CUDA build, its Ray the image's
+    assert "pip install --no-deps -r requirements/gpu.lock" in text and "pip check" in text
+    gpu = lock_pins(ROOT / "requirements" / "gpu.lock")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", gpu["torch"]) and any(n.startswith("nvidia-") for n in gpu)
+    assert gpu["ray"] == args["RAY_VERSION"]
+    assert "pnp-batch" not in gpu  # the package itself is installed from the source after the lock
     assert "requirements/cpu.txt" not in re.sub(r"#.*", "", text), (
         "the CPU torch pin must not reach the image"
     )
@@ -515,8 +523,8 @@ def test_aws_cluster_file() -> None:
     assert w["min_workers"] == 0 and w["max_workers"] == 8 and cfg["max_workers"] == 8
     setup = "\n".join(cfg["setup_commands"])
     args = dockerfile_args()
-    assert f"torch=={args['TORCH_VERSION']}" in setup and args["TORCH_INDEX_URL"] in setup
-    assert f"ray[default]=={args['RAY_VERSION']}" in setup
+    assert "--no-deps -r /home/ubuntu/pnp-batch/requirements/gpu.lock" in setup
+    assert lock_pins(ROOT / "requirements" / "gpu.lock")["ray"] == args["RAY_VERSION"]
     assert "[s3,ray]" in setup
     for _, argv in COMMANDS:
         if flag(argv, "--engine") == "ray":
