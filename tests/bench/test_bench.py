@@ -68,15 +68,18 @@ def test_counted_unet_work_matches_the_arithmetic(figures, k):
 
 
 def test_ratios_where_the_arithmetic_says_so(figures):
+    # Only counted figures are compared: the timed ratios move with whatever else shares the CPU, so
+    # they are reported by the bench, not asserted here (timed targets belong in benchmarks).
     r = figures["ratios"]
-    # 8 UNet calls against 44 (K=1): the default is faster whatever the noise of a shared CPU.
-    assert r["default_vs_reference_k1"] > 1
-    assert r["per_k"]["2"]["default_vs_reference"] > 1
+    for key in ("default_vs_reference_k1", "warm_vs_cold", "default_vs_reference_k1_at_999"):
+        assert r[key] > 0
     assert r["default_vs_reference_k1_at_999"] > r["default_vs_reference_k1"]  # 999 steps cost more than 20
     for k in KS:
-        pk = r["per_k"][str(k)]
-        assert pk["default_vs_reference_elements"] > 1
-    assert r["warm_vs_cold"] > 1  # no inversion: 4 calls instead of 8
+        f = figures["k"][str(k)]
+        expected = (f["reference"]["batch_elements"] / k) / (f["default"]["batch_elements"] / k)
+        assert r["per_k"][str(k)]["default_vs_reference_elements"] == pytest.approx(expected)
+        assert expected > 1  # 2R + K(3S) against S + 2KS + F_STEPS
+    assert figures["k"]["1"]["warm"]["batch_elements"] < figures["k"]["1"]["default"]["batch_elements"]
     assert r["injection_overhead"] is not None
 
 
