@@ -21,7 +21,8 @@ _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN
 _MIN_SECRET_LEN = 8
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SIGNED_QUERY = re.compile(
-    r"(?P<name>X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|AWSAccessKeyId|sig)=[^&\s]+",
+    r"(?<![\w-])(?P<name>X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|X-Goog-Signature|X-Goog-Credential"
+    r"|Signature|AWSAccessKeyId|sig|token|access_token)=[^&\s#\"'<>]+",
     re.IGNORECASE,
 )
 
@@ -135,3 +136,31 @@ def redact(text: str) -> str:
         text = text.replace(s, "***")
     text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
     return _SIGNED_QUERY.sub(r"\g<name>=***", text)
+
+
+class _RedactingFactory:
+    """A log record factory whose records carry their message redacted (every handler, every logger)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        record = self.inner(*args, **kwargs)
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string is logging's to report
+            return record
+        clean = redact(msg)
+        if clean != msg or record.args:
+            record.msg, record.args = clean, ()
+        return record
+
+
+def redact_logs() -> None:
+    """Redact every log line of this process (URI passwords, signed query strings, known secrets);
+    called by the command line and by each Ray worker. Idempotent."""
+    import logging
+
+    current = logging.getLogRecordFactory()
+    if not isinstance(current, _RedactingFactory):
+        logging.setLogRecordFactory(_RedactingFactory(current))
