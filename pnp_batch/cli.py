@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fallback-pipeline", default=None, metavar="NAME",
                    help="if the pipeline's model cannot be loaded here (no weights, no hub), say so and run this "
                    "pipeline instead (the README's demo uses 'tiny')")
+    _policy_flags(r)
     r.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec storage option (repeatable), e.g. client_kwargs.region_name=eu-west-1")
     r.add_argument("--wait-for-lease", nargs="?", type=float, const=math.inf, default=None, metavar="SECONDS",
@@ -94,12 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per Ray actor (default 1 with GPUs)")
     e.add_argument("--limit", type=int, default=None, help="score at most N rows")
     e.add_argument("--overwrite", action="store_true", help="score rows again that already have a score")
+    _policy_flags(e)
     e.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
 
     v = sub.add_parser("validate", help="check a manifest without loading a model")
     v.add_argument("manifest")
     v.add_argument("--check-images", action="store_true", help="also open every image")
     v.add_argument("--max-pixels", type=int, default=64_000_000)
+    _policy_flags(v)
     v.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
 
     rp = sub.add_parser("report", help="write the trade-off plot and the sweep contact sheet of an output")
@@ -148,12 +151,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _policy_flags(p: argparse.ArgumentParser) -> None:
+    """The input policy's options (io/policy.py; docs/inputs.md), on every command that reads rows."""
+    p.add_argument("--allow-uri", action="append", default=[], metavar="PREFIX",
+                   help="also let rows read URIs starting with PREFIX (repeatable): a folder outside the "
+                        "manifest's, an fsspec scheme (gs://), or an internal URL (http://10.0.0.5:9000/bucket/)")
+    p.add_argument("--allow-private-network", action="store_true",
+                   help="let rows fetch http(s) from private, loopback and link-local addresses too")
+
+
+def _with_policy(cfg, a: argparse.Namespace):
+    """``cfg`` with the command line's --allow-uri / --allow-private-network added to its policy keys."""
+    return cfg.replace(allow_uri=tuple(dict.fromkeys((*cfg.allow_uri, *a.allow_uri))),
+                       allow_private_network=cfg.allow_private_network or a.allow_private_network)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from pnp_batch.io.credentials import redact_logs
+
+    redact_logs()  # no URI password or signature in any log line
     for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "aiobotocore", "filelock", "httpx", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -206,6 +227,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise UsageError("--worker-timeout must be > 0 seconds")
     from pnp_batch.io.sweep import parse_sweeps
 
+    cfg = _with_policy(cfg, a)
     sweep = parse_sweeps(a.sweep, cfg, yes=a.yes)
     req = RunRequest(
         manifest=a.manifest, out=a.out, cfg=cfg, features=a.features, limit=a.limit, overwrite=a.overwrite,
@@ -250,14 +272,17 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return evaluate(EvalRequest(
         out=a.out, overrides=a.overrides, engine=a.engine, ray_address=a.ray_address, workers=a.workers,
         gpus_per_worker=a.gpus_per_worker, limit=a.limit, overwrite=a.overwrite, storage_options=opts,
+        allow_uri=tuple(a.allow_uri), allow_private_network=a.allow_private_network,
     ))
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
+    from pnp_batch.io.policy import InputPolicy
     from pnp_batch.io.validate import validate_manifest
 
     _storage(a.storage_option)
-    report = validate_manifest(a.manifest, check_images=a.check_images, max_pixels=a.max_pixels)
+    policy = InputPolicy.for_manifest(a.manifest, a.allow_uri, a.allow_private_network)
+    report = validate_manifest(a.manifest, check_images=a.check_images, max_pixels=a.max_pixels, policy=policy)
     print(report.format())
     return 0 if report.ok else 2
 

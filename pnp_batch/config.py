@@ -29,6 +29,8 @@ INVERSION_KEYS = ("resolution", "resize_mode", "inversion_steps", "inversion_pro
 ROW_OVERRIDES = ("negative_prompt", "seed", "guidance_scale", "pnp_f_t", "pnp_attn_t")
 # Keys of the metric models (pnp-batch eval, run --eval): not in the config hash.
 EVAL_KEYS = ("eval_clip_model", "eval_clip_revision", "eval_dino_model", "eval_dino_revision")
+# Keys of the input policy (io/policy.py): not in the config hash.
+POLICY_KEYS = ("allow_uri", "allow_private_network")
 # Keys whose --set values are taken as written (not parsed as YAML).
 _LITERAL_KEYS = ("model", "model_config", "revision", "inversion_prompt", "negative_prompt", "name", *EVAL_KEYS)
 # Injection layers (PNP_SPEC.md §4): None = the architecture's table; a tuple of module paths otherwise.
@@ -85,6 +87,10 @@ class PipelineConfig:
     eval_clip_revision: str = ""
     eval_dino_model: str = "facebook/dino-vitb8"
     eval_dino_revision: str = ""
+    # The input policy (io/policy.py): URI prefixes a row may read besides the defaults, and http(s) to
+    # private addresses. They decide what may be read, not what an image looks like: not in the hash.
+    allow_uri: tuple[str, ...] = ()
+    allow_private_network: bool = False
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -101,7 +107,7 @@ class PipelineConfig:
         """A short stable hash of every setting that changes the output image."""
         d = self.to_dict()
         for k in ("name", "device", "batch_size", "inversion_batch", "inversion_streams", "compile", "channels_last",
-                  "cuda_graphs", "cudnn_benchmark", "max_pixels", *EVAL_KEYS):
+                  "cuda_graphs", "cudnn_benchmark", "max_pixels", *EVAL_KEYS, *POLICY_KEYS):
             d.pop(k, None)
         # Keys added later count only when set, so configs that do not use them keep their hash.
         if d.get("model_config") == "auto":
@@ -229,6 +235,10 @@ def validate(cfg: PipelineConfig) -> None:
     if not isinstance(cfg.model_config, str) or not cfg.model_config:
         raise ConfigError("model_config must be 'auto', a family name (sd15, sd21, sd21-base, sdxl) or a local "
                           "diffusers folder")
+    if not isinstance(cfg.allow_uri, tuple) or not all(isinstance(s, str) and s for s in cfg.allow_uri):
+        raise ConfigError(f"allow_uri={cfg.allow_uri!r} must be a list of URI prefixes")
+    if not isinstance(cfg.allow_private_network, bool):
+        raise ConfigError(f"allow_private_network={cfg.allow_private_network!r} must be true or false")
     if not isinstance(cfg.lora, tuple) or not all(isinstance(s, str) and s for s in cfg.lora):
         raise ConfigError(f"lora={cfg.lora!r} must be a list of PATH_OR_ID[:SCALE] entries")
     for spec in cfg.lora:
@@ -339,6 +349,8 @@ def _coerce(key: str, value: Any) -> Any:
     typ = _FIELDS[key].type
     if key == "lora":
         return _coerce_lora(value)
+    if key == "allow_uri":
+        return _coerce_list(key, value, "URI prefixes, e.g. [s3://bucket/, /data/images/]")
     if value is None and key in ("inversion_prompt", "negative_prompt", "eval_clip_revision", "eval_dino_revision"):
         value = ""
     try:
@@ -355,6 +367,17 @@ def _coerce(key: str, value: Any) -> Any:
     if typ in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ConfigError(f"{key}={value!r} must be a number")
     return value
+
+
+def _coerce_list(key: str, value: Any, what: str) -> tuple[str, ...]:
+    """A list key: a YAML list, one string, or nothing."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise ConfigError(f"{key}={value!r} must be a list of {what}")
 
 
 def _coerce_lora(value: Any) -> tuple[str, ...]:

@@ -186,12 +186,12 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
         log.info("nothing to do: every row is already done (use --overwrite to redo them)")
     if req.report and sample and status != "outage":
         try:
-            write_report(req.out, req.cfg, run_id, sample, scores=sample_scores)
+            write_report(req.out, req.cfg, run_id, sample, scores=sample_scores, policy=req.input_policy)
         except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
             log.warning("could not write the contact sheet: %s", storage.redact(str(e)))
     if req.report and (req.sweep is not None or req.eval) and status != "outage":
         try:  # the sweep's contact sheet, and the trade-off plot where scores exist
-            write_sweep_reports(req.out, req.cfg.max_pixels, sheet=req.sweep is not None)
+            write_sweep_reports(req.out, req.cfg.max_pixels, sheet=req.sweep is not None, policy=req.input_policy)
         except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
             log.warning("could not write the sweep report: %s", storage.redact(str(e)))
     failed = counts.get("failed", 0)
@@ -319,6 +319,7 @@ def _summary(req: RunRequest, manifest_uri: str, run_id: str, started: datetime,
         "pipeline": req.cfg.name,
         "config": req.cfg.to_dict(),
         "config_hash": req.cfg.hash(),
+        "input_policy": req.input_policy.describe(),
         "counts": {
             "manifest_rows": p.total,
             "done_before": p.done_before,

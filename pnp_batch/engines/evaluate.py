@@ -26,6 +26,7 @@ from pnp_batch.engines.progress import Progress
 from pnp_batch.errors import UsageError
 from pnp_batch.io import storage
 from pnp_batch.io.metrics import SCORE_SCHEMA, ScoreWriter, scored_keys
+from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.results import latest_results, make_run_id, read_run_summaries, result_files
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class EvalRequest:
     limit: int | None = None
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
+    allow_uri: tuple[str, ...] = ()  # the input policy's options (io/policy.py), added to the run's
+    allow_private_network: bool = False
 
 
 @dataclass
@@ -59,6 +62,7 @@ class EvalPlan:
     todo: pa.Table  # TODO_COLUMNS of the rows to score
     ok_rows: int  # ok rows in the output
     preprocessing: dict[str, dict[str, Any]]  # config_hash -> the run's resolved config
+    policy: InputPolicy | None = None  # what the sources may be read from: the latest run's manifest and keys
 
 
 def plan_eval(req: EvalRequest) -> EvalPlan:
@@ -69,7 +73,9 @@ def plan_eval(req: EvalRequest) -> EvalPlan:
         raise UsageError("--limit must be >= 0")
     configs: dict[str, dict[str, Any]] = {}
     newest: dict[str, Any] | None = None
+    manifest: str | None = None
     for summary in read_run_summaries(req.out):  # oldest first: the latest run's config wins
+        manifest = summary.get("manifest") or manifest
         cfg = summary.get("config")
         if isinstance(cfg, dict) and summary.get("config_hash"):
             configs[str(summary["config_hash"])] = newest = cfg
@@ -90,7 +96,9 @@ def plan_eval(req: EvalRequest) -> EvalPlan:
         todo = ok
     if req.limit is not None:
         todo = todo.slice(0, req.limit)
-    return EvalPlan(cfg=cfg, todo=todo, ok_rows=ok.num_rows, preprocessing=configs)
+    policy = InputPolicy.for_manifest(manifest, (*base.allow_uri, *req.allow_uri),
+                                      base.allow_private_network or req.allow_private_network)
+    return EvalPlan(cfg=cfg, todo=todo, ok_rows=ok.num_rows, preprocessing=configs, policy=policy)
 
 
 def evaluate(req: EvalRequest) -> int:
@@ -151,12 +159,13 @@ def _preprocessing(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return preps
 
 
-def _read_items(rows: list[dict[str, Any]], preps: dict[str, Any]) -> list:
-    """A batch's ScoreItems, images read through storage (a source shared by rows read once)."""
+def _read_items(rows: list[dict[str, Any]], preps: dict[str, Any], policy: InputPolicy | None) -> list:
+    """A batch's ScoreItems, images read through storage, sources under the input policy (a source
+    shared by rows read once)."""
     from pnp_batch.eval.score import read_item
 
     sources: dict[tuple, Any] = {}
-    return [read_item(r, preps.get(r["config_hash"]), sources) for r in rows]
+    return [read_item(r, preps.get(r["config_hash"]), sources, policy) for r in rows]
 
 
 class LocalScoring:
@@ -175,7 +184,7 @@ class LocalScoring:
         preps = _preprocessing(self.p.preprocessing)
 
         def read(rows: list[dict[str, Any]]) -> list:
-            return _read_items(rows, preps)
+            return _read_items(rows, preps, self.p.policy)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-read") as pool:
             pending = None
@@ -195,7 +204,7 @@ class ScoreActor:
     """A Ray Data actor: the two metric models, loaded once; a batch of result rows -> score records."""
 
     def __init__(self, cfg: PipelineConfig, preprocessing: dict[str, dict[str, Any]],
-                 storage_options: dict[str, Any], threads: int) -> None:
+                 storage_options: dict[str, Any], threads: int, policy: InputPolicy | None = None) -> None:
         import torch
 
         from pnp_batch.eval.score import load_scorer
@@ -203,10 +212,11 @@ class ScoreActor:
         torch.set_num_threads(max(1, threads))
         storage.configure(storage_options)
         self.preps = _preprocessing(preprocessing)
+        self.policy = policy
         self.scorer = load_scorer(cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        records = self.scorer.score(_read_items(batch.to_pylist(), self.preps))
+        records = self.scorer.score(_read_items(batch.to_pylist(), self.preps, self.policy))
         return pa.Table.from_pylist(records, schema=SCORE_SCHEMA)
 
 
@@ -272,7 +282,8 @@ class RayScoring:
         scored = ds.map_batches(
             ScoreActor,
             fn_constructor_kwargs={"cfg": self.p.cfg, "preprocessing": self.p.preprocessing,
-                                   "storage_options": self.req.storage_options, "threads": self.threads},
+                                   "storage_options": self.req.storage_options, "threads": self.threads,
+                                   "policy": self.p.policy},
             batch_size=BATCH_ROWS,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=self.workers),

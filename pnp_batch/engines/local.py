@@ -41,7 +41,7 @@ class LocalBackend:
         from pnp_batch.translate.translator import Translator
 
         self.translator = Translator(req.cfg, req.out, req.features_uri, worker="local", evaluate=req.eval,
-                                     layer_settings=req.layer_settings())
+                                     layer_settings=req.layer_settings(), policy=req.input_policy)
 
     def map_groups(self, groups: Iterator[list[Row]]) -> Iterator[list[dict[str, Any]]]:
         """Windows of `PipelineConfig.window` groups (inverted at once). While one window is

@@ -16,6 +16,7 @@ from pnp_batch.io import storage
 from pnp_batch.io.done_index import DoneIndex
 from pnp_batch.io.lease import DEFAULT_TTL
 from pnp_batch.io.manifest import Manifest, Row, group_rows, open_manifest
+from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.results import done_index
 from pnp_batch.io.sweep import Sweep, SweptManifest
 
@@ -46,6 +47,11 @@ class RunRequest:
     lease_ttl: float = DEFAULT_TTL
     outage_timeout: float | None = None  # None: PNP_BATCH_OUTAGE_TIMEOUT, else retry.DEFAULT_OUTAGE_TIMEOUT
     sweep: Sweep | None = None  # run --sweep: every manifest row expanded into the grid (io/sweep.py)
+
+    @property
+    def input_policy(self) -> InputPolicy:
+        """What rows may read (io/policy.py): from the manifest's location and the policy keys."""
+        return InputPolicy.for_manifest(self.manifest, self.cfg.allow_uri, self.cfg.allow_private_network)
 
     @property
     def features_uri(self) -> str:

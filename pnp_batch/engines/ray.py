@@ -183,7 +183,7 @@ class RayBackend:
     def _new_slot(self) -> _Slot:
         req = self.req
         handle = self._actor_cls.remote(req.cfg, req.out, req.features_uri, req.storage_options, self.threads,
-                                        req.eval, req.layer_settings())
+                                        req.eval, req.layer_settings(), req.input_policy)
         return _Slot(handle=handle, ready_ref=handle.info.remote())
 
     def _wait_first_ready(self) -> None:

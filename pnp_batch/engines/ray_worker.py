@@ -12,6 +12,7 @@ from typing import Any
 from pnp_batch.config import PipelineConfig
 from pnp_batch.errors import UsageError
 from pnp_batch.io import storage
+from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.records import resolve
 from pnp_batch.io.rows import Row
 
@@ -36,7 +37,8 @@ class TranslatorWorker:
     """
 
     def __init__(self, cfg: PipelineConfig, out: str, features: str, storage_options: dict[str, Any],
-                 threads: int, evaluate: bool = False, layer_settings: tuple = ()) -> None:
+                 threads: int, evaluate: bool = False, layer_settings: tuple = (),
+                 policy: InputPolicy | None = None) -> None:
         self.pid = os.getpid()
         self.host = socket.gethostname()
         try:
@@ -54,10 +56,11 @@ class TranslatorWorker:
 
             torch.set_num_threads(max(1, int(threads)))
             storage.configure(storage_options)
+            storage.credentials.redact_logs()
             from pnp_batch.translate.translator import Translator
 
             self.translator = Translator(cfg, out, features, worker=self.name, evaluate=evaluate,
-                                         layer_settings=layer_settings)
+                                         layer_settings=layer_settings, policy=policy)
         except Exception as e:  # noqa: BLE001 - reported by info(), the driver decides
             self.error = {"type": type(e).__name__, "message": storage.redact(str(e))[:2000],
                           "usage": isinstance(e, UsageError)}

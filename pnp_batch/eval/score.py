@@ -24,6 +24,8 @@ from pnp_batch.eval.metrics import clip_score, structure_dist
 from pnp_batch.eval.models import MetricModels, load_metric_models
 from pnp_batch.io import storage
 from pnp_batch.io.images import decode_image, resize_source
+from pnp_batch.io.inputs import open_row_input
+from pnp_batch.io.policy import InputPolicy
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +150,8 @@ def score_decoded(scorer: Scorer, ids: Sequence[str], prompts: Sequence[str], co
     return scorer.score(items)
 
 
-def read_item(row: dict[str, Any], prep: Preprocessing | None, sources: dict[tuple, Image | Exception]) -> ScoreItem:
+def read_item(row: dict[str, Any], prep: Preprocessing | None, sources: dict[tuple, Image | Exception],
+              policy: InputPolicy | None = None) -> ScoreItem:
     """A ScoreItem for a result record (`id`, `config_hash`, `target_prompt`, `output`, `image`), its
     output and source read through storage; `sources` caches prepared sources by (URI, preprocessing): rows share them.
     An image that cannot be read makes the item an eval failure with the reason."""
@@ -169,7 +172,7 @@ def read_item(row: dict[str, Any], prep: Preprocessing | None, sources: dict[tup
     key = (src, prep)
     if key not in sources:
         try:
-            sources[key] = resize_source(decode_image(storage.read_bytes(src), prep.max_pixels), prep.resolution,
+            sources[key] = resize_source(decode_image(open_row_input(src, policy), prep.max_pixels), prep.resolution,
                                          prep.resize_mode)
         except Exception as e:  # noqa: BLE001
             sources[key] = e

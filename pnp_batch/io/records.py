@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pnp_batch.config import PipelineConfig
+from pnp_batch.io.credentials import redact
 from pnp_batch.io.rows import Row
 
 # The key under which a worker's record carries the row's score record (run --eval) to the driver,
@@ -24,7 +25,7 @@ def row_record(row: Row, cfg: PipelineConfig, status: str, model: str, worker: s
         "error": None,
         "warning": None,
         "output": None,
-        "image": row.image if row.image is not None else "<image_bytes>",
+        "image": redact(row.image) if row.image is not None else "<image_bytes>",  # no URI credentials kept
         "source_prompt": row.source_prompt,
         "target_prompt": row.target_prompt,
         "negative_prompt": None,
@@ -49,6 +50,9 @@ def row_record(row: Row, cfg: PipelineConfig, status: str, model: str, worker: s
     if unknown:
         raise KeyError(f"not result columns: {sorted(unknown)}")
     rec.update(fields)
+    for k in ("output", "error", "warning"):  # credentials in a URI never reach the results
+        if isinstance(rec[k], str):
+            rec[k] = redact(rec[k])
     for k, v in row.extra.items():
         rec.setdefault(k, v)
     return rec

@@ -13,7 +13,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pnp_batch.io import storage
+from pnp_batch.io.inputs import check_row_input, open_row_input
 from pnp_batch.io.manifest import FLOAT_COLUMNS, ID_PATTERN, Manifest, ManifestError, Row, open_manifest
+from pnp_batch.io.policy import InputPolicy
 
 _TOKEN_RE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+", re.IGNORECASE)
 
@@ -77,11 +79,11 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def _check_image(row: Row, max_pixels: int) -> str | None:
+def _check_image(row: Row, max_pixels: int, policy: InputPolicy) -> str | None:
     from pnp_batch.io.images import ImageError, decode_image
 
     try:
-        data = row.image_bytes if row.image_bytes is not None else storage.read_bytes(row.image or "")
+        data = row.image_bytes if row.image_bytes is not None else open_row_input(row.image or "", policy)
         decode_image(data, max_pixels)
     except FileNotFoundError:
         return f"image not found: {storage.redact(row.image or '')}"
@@ -126,6 +128,12 @@ def _maybe_problem(batch: pa.RecordBatch, max_prompt_tokens: int) -> np.ndarray:
             flag(pc.is_valid(raw))  # base64 text: checked row by row
         has_image = pc.or_(has_image, pc.is_valid(raw))
     flag(pc.invert(has_image))
+    # the input policy (io/policy.py) looks at every URI but a plain relative path inside the manifest's
+    # folder or an s3:// object: absolute paths, file://, http(s), '..' and other schemes row by row
+    text = image.cast(pa.string())
+    flag(pc.match_substring_regex(text, r"^(?:/|~)|(?:^|[/\\])\.\.(?:[/\\]|$)"))
+    flag(pc.and_kleene(pc.match_substring_regex(text, r"^[A-Za-z][A-Za-z0-9+.-]*:"),
+                       pc.invert(pc.match_substring_regex(text, r"^s3a?://[^/]"))))
     target = batch.column("target_prompt").cast(pa.string()) if "target_prompt" in names else pa.nulls(n, pa.string())
     # a letter or digit means not blank; anything else (blank or not) is looked at row by row
     flag(pc.invert(pc.match_substring_regex(target, r"[\p{L}\p{N}]")))
@@ -158,9 +166,12 @@ def validate_manifest(
     max_pixels: int = 64_000_000,
     max_prompt_tokens: int = 75,
     image_threads: int = 8,
+    policy: InputPolicy | None = None,
 ) -> ValidationReport:
-    """Check schema, ids, prompts and overrides (and, with ``check_images``, that images decode)."""
+    """Check schema, ids, prompts, overrides and the input policy (nothing is read for it), and with
+    ``check_images``, that images decode. ``policy``: the run's; by default the manifest's own."""
     report = ValidationReport(uri=uri)
+    policy = policy or InputPolicy.for_manifest(uri)
     try:
         m = open_manifest(uri)
     except ManifestError as e:
@@ -195,6 +206,10 @@ def validate_manifest(
                 if row.error:
                     report.add_problem(row.id, row.index, row.error)
                     continue
+                refused = check_row_input(row.image, policy) if row.image_bytes is None and row.image else None
+                if refused:
+                    report.add_problem(row.id, row.index, refused)
+                    continue
                 for name, text in (
                     ("target_prompt", row.target_prompt),
                     ("source_prompt", row.source_prompt),
@@ -208,7 +223,7 @@ def validate_manifest(
                                 f"CLIP reads {max_prompt_tokens}, the rest will be truncated"
                             )
                 if pool is not None:
-                    pending.append((row, pool.submit(_check_image, row, max_pixels)))
+                    pending.append((row, pool.submit(_check_image, row, max_pixels, policy)))
                     drain(image_threads * 4)
         drain(0)
         report.rows = count

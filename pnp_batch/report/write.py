@@ -12,8 +12,10 @@ from PIL import Image
 from pnp_batch.config import PipelineConfig
 from pnp_batch.io import storage
 from pnp_batch.io.images import decode_image
+from pnp_batch.io.inputs import open_row_input
 from pnp_batch.io.metrics import ok_scores
-from pnp_batch.io.results import latest_results
+from pnp_batch.io.policy import InputPolicy
+from pnp_batch.io.results import latest_results, read_run_summaries
 from pnp_batch.report.sheet import SheetEntry, build_contact_sheet, build_html
 from pnp_batch.report.tradeoff import tradeoff_png, tradeoff_points
 
@@ -52,10 +54,12 @@ def score_line(score: dict[str, Any] | None) -> str | None:
 
 
 def write_report(out: str, cfg: PipelineConfig, run_id: str, records: list[dict[str, Any]],
-                 scores: dict[str, dict[str, Any]] | None = None) -> str:
+                 scores: dict[str, dict[str, Any]] | None = None, policy: InputPolicy | None = None) -> str:
     """OUT/report/{run_id}.png and .html: each source, then each of its targets' results (with their
-    scores under them when `scores`, id -> score record, has them)."""
+    scores under them when `scores`, id -> score record, has them). Sources are read under `policy`
+    (the run's input policy; by default the latest run's)."""
     scores = scores or {}
+    policy = policy or output_policy(out)
     by_source: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_source.setdefault(str(r.get("image")), []).append(r)
@@ -74,7 +78,7 @@ def write_report(out: str, cfg: PipelineConfig, run_id: str, records: list[dict[
     report_dir = storage.join(out, "report")
     for n, (src, recs) in enumerate(list(by_source.items())[:MAX_SOURCES]):
         try:
-            source = decode_image(storage.read_bytes(src), cfg.max_pixels) if src != "<image_bytes>" else None
+            source = decode_image(open_row_input(src, policy), cfg.max_pixels) if src != "<image_bytes>" else None
         except Exception:  # noqa: BLE001 - an unreadable source is already a failed row
             source = None
         if source is None:
@@ -130,12 +134,13 @@ def _sweep_table(out: str) -> list[dict[str, Any]]:
     return rows
 
 
-def write_sweep_sheet(out: str, max_pixels: int = 64_000_000) -> str | None:
+def write_sweep_sheet(out: str, max_pixels: int = 64_000_000, policy: InputPolicy | None = None) -> str | None:
     """OUT/report/sweep.png: one row per source (its manifest row's id), one column per setting, each
     output's scores under it where they exist. None when the output has no sweep rows."""
     rows = _sweep_table(out)
     if not rows:
         return None
+    policy = policy or output_policy(out)
     scores = {(r["id"], r["config_hash"]): r for r in ok_scores(out).to_pylist()}
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     shown = settings[:MAX_SWEEP_SETTINGS]
@@ -147,7 +152,7 @@ def write_sweep_sheet(out: str, max_pixels: int = 64_000_000) -> str | None:
         first = next(iter(cells.values()))
         src = first.get("image")
         try:
-            source = decode_image(storage.read_bytes(src), max_pixels) if src and src != "<image_bytes>" else None
+            source = decode_image(open_row_input(src, policy), max_pixels) if src and src != "<image_bytes>" else None
         except Exception:  # noqa: BLE001 - an unreadable source is already a failed row
             source = None
         source = _thumb(source) if source is not None else Image.new("RGB", (SWEEP_THUMB, SWEEP_THUMB), (128,) * 3)
@@ -202,7 +207,18 @@ def write_tradeoff(out: str) -> str | None:
     return uri
 
 
-def write_sweep_reports(out: str, max_pixels: int = 64_000_000, sheet: bool = True) -> list[str]:
+def output_policy(out: str) -> InputPolicy:
+    """The input policy of an output's latest run (its manifest's folder, its policy keys): a report
+    reads the sources only where that run could."""
+    manifest, cfg = None, {}
+    for summary in read_run_summaries(out):
+        manifest = summary.get("manifest") or manifest
+        cfg = summary.get("config") or cfg
+    return InputPolicy.for_manifest(manifest, cfg.get("allow_uri") or (), bool(cfg.get("allow_private_network")))
+
+
+def write_sweep_reports(out: str, max_pixels: int = 64_000_000, sheet: bool = True,
+                        policy: InputPolicy | None = None) -> list[str]:
     """The sweep contact sheet (outputs with sweep rows; `sheet=False` skips looking for them) and the
     trade-off plot (scored outputs) of OUT."""
-    return [u for u in (write_sweep_sheet(out, max_pixels) if sheet else None, write_tradeoff(out)) if u]
+    return [u for u in (write_sweep_sheet(out, max_pixels, policy) if sheet else None, write_tradeoff(out)) if u]

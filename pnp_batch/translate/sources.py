@@ -22,6 +22,7 @@ import torch
 from pnp_batch.io import storage
 from pnp_batch.io.features import MISSING, feature_key
 from pnp_batch.io.images import decode_image, resize_source
+from pnp_batch.io.inputs import open_row_input
 from pnp_batch.io.rows import Row
 from pnp_batch.pnp.inversion import ddim_invert_many
 
@@ -164,7 +165,7 @@ class SourceFeatures:
             return group
         row = group[i]
         try:
-            data = row.image_bytes if row.image_bytes is not None else storage.read_bytes(row.image)
+            data = row.image_bytes if row.image_bytes is not None else open_row_input(row.image, self.policy)
         except Exception:  # noqa: BLE001 - read again (and recorded) by the translation
             return group
         try:

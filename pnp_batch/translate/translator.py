@@ -20,6 +20,8 @@ from pnp_batch.errors import RowError, UsageError
 from pnp_batch.io import storage
 from pnp_batch.io.features import FeatureStore
 from pnp_batch.io.images import encode_image
+from pnp_batch.io.inputs import open_row_input
+from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.records import SCORES_FIELD, resolve, row_record
 from pnp_batch.io.rows import Row
 from pnp_batch.models.load import Models, load_models
@@ -68,8 +70,11 @@ class Translator(SourceFeatures):
         models: Models | None = None,
         evaluate: bool = False,
         layer_settings: Iterable[tuple[tuple[str, ...] | None, tuple[str, ...] | None]] = (),
+        policy: InputPolicy | None = None,
     ) -> None:
         self.cfg = cfg
+        # what rows may read (io/policy.py); None only for trusted callers (the bench)
+        self.policy = policy
         self.out = out_uri
         self.features = FeatureStore(features_uri or storage.join(out_uri, "features"))
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
@@ -321,7 +326,7 @@ class Translator(SourceFeatures):
                 continue
             first = rows[0]
             try:
-                data = first.image_bytes if first.image_bytes is not None else storage.read_bytes(first.image)
+                data = first.image_bytes if first.image_bytes is not None else open_row_input(first.image, self.policy)
             except Exception as e:  # noqa: BLE001 - a bad source is data: every row of the group fails
                 records += self._source_failed(rows, e, attempt)
                 prepared.append((records, [], None))
