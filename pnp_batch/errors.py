@@ -24,3 +24,13 @@ class ClusterLost(Exception):
     to do (never recorded failed), and the run summary says why. Exit status EXIT_STATUS (3)."""
 
     EXIT_STATUS = 3
+
+
+class StoreRefused(Exception):
+    """The output store is reachable but refuses writes: full or over quota (``kind`` "store_full"), or
+    read-only, denied, or gone (``kind`` "store_refused"). Not a row's fault: the run stops like an
+    outage, the rows in flight stay pending, and re-running the same command resumes once it is fixed."""
+
+    def __init__(self, kind: str, where: str, reason: str, fix: str) -> None:
+        self.kind, self.where, self.reason, self.fix = kind, where, reason, fix
+        super().__init__(f"[{kind}] {where} refused a write: {reason}; {fix}")

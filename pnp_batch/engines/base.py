@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -16,14 +17,19 @@ from pnp_batch import __version__
 from pnp_batch.engines.plan import Plan, RunRequest, count_work, open_checked, work_groups
 from pnp_batch.engines.progress import Progress
 from pnp_batch.engines.stop import GraceExpired, StopRequest
-from pnp_batch.errors import ClusterLost, StoreUnavailable
-from pnp_batch.io import retry, storage
+from pnp_batch.errors import ClusterLost, StoreRefused, StoreUnavailable, UsageError
+from pnp_batch.io import refusal, retry, storage
 from pnp_batch.io.lease import Lease, LeaseHeld
 from pnp_batch.io.manifest import Manifest, Row
 from pnp_batch.io.metrics import ScoreWriter
 from pnp_batch.io.records import SCORES_FIELD
+from pnp_batch.io.refusal import FULL, REFUSED
 from pnp_batch.io.results import ResultWriter, make_run_id, write_run_summary
 from pnp_batch.report.write import write_report, write_sweep_reports
+
+# Run statuses of a store that refused writes (io/refusal.py); a record failed for one carries this marker.
+STORE_STOPS = (FULL, REFUSED)
+_REFUSED_RECORD = re.compile(r"StoreRefused: \[(store_full|store_refused)\]")
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +91,7 @@ def _execute(req: RunRequest, backend: Backend, stop: StopRequest) -> int:
     t0 = time.monotonic()
     manifest, total = open_checked(req)  # a bad manifest stops here: exit 2, nothing written
     run_id = make_run_id()
+    preflight(req)  # OUT (and the feature store) take a write, before any model loads: else exit 2
     lease = Lease(req.out, run_id, ttl=req.lease_ttl,
                   on_lost=lambda msg: stop.request("lease_lost", msg))
     try:
@@ -97,11 +104,17 @@ def _execute(req: RunRequest, backend: Backend, stop: StopRequest) -> int:
     except StoreUnavailable as e:
         log.error("%s; nothing was written: re-run the same command when the store is back", e)
         return 1
+    except StoreRefused as e:
+        raise UsageError(f"OUT {storage.redact(req.out)} cannot take writes: {e.reason}. Nothing was loaded or "
+                         "written.") from None
     stop.on_force = lease.release
     try:
         return _run_leased(req, backend, stop, manifest, total, run_id, started, t0)
     except StoreUnavailable as e:
         log.error("%s; stopped: re-run the same command when the store is back to finish the rest", e)
+        return 1
+    except StoreRefused as e:
+        log.error("%s", e)
         return 1
     except GraceExpired as e:  # a signal before the work began (reading the done-index)
         log.warning("%s; stopped before any row was attempted", e)
@@ -164,14 +177,19 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
             stop.request("cluster_lost", str(e))
         except StoreUnavailable as e:
             stop.request("outage", f"{e}; stopping: the rows in flight stay pending")
+        except StoreRefused as e:  # a results shard was refused: its rows stay pending with the rest
+            stop.request(e.kind, f"{e}; stopping: the rows in flight stay pending")
+            for rec in writer.unwritten:
+                counts[rec["status"]] = counts.get(rec["status"], 0) - 1
+            writer.unwritten.clear()
         except BaseException as e:
             status = "error" if isinstance(e, Exception) else "interrupted"
             stop.message = stop.message or storage.redact(f"{type(e).__name__}: {e}")[:500]
             raise
         finally:
             stop.disarm()
+            _close_results(writer, stop, counts)
             status = _status(stop, status)
-            _close(writer, "write the last results shard")
             if scores is not None:
                 _close(scores, "write the last scores shard")
             progress.close()
@@ -184,12 +202,12 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
         writer.close()
         _summary(req, manifest.uri, run_id, started, t0, p, counts, {}, status, backend.name, writer, stop)
         log.info("nothing to do: every row is already done (use --overwrite to redo them)")
-    if req.report and sample and status != "outage":
+    if req.report and sample and status not in STORE_STOPS:
         try:
             write_report(req.out, req.cfg, run_id, sample, scores=sample_scores, policy=req.input_policy)
         except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
             log.warning("could not write the contact sheet: %s", storage.redact(str(e)))
-    if req.report and (req.sweep is not None or req.eval) and status != "outage":
+    if req.report and (req.sweep is not None or req.eval) and status not in STORE_STOPS:
         try:  # the sweep's contact sheet, and the trade-off plot where scores exist
             write_sweep_reports(req.out, req.cfg.max_pixels, sheet=req.sweep is not None, policy=req.input_policy)
         except Exception as e:  # noqa: BLE001 - a report failure must not fail the run
@@ -200,6 +218,8 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
     if stop.requested:
         log.warning("run %s stopped (%s): %d ok, %d failed, %d left pending; re-run the same command to finish "
                     "the rest", run_id, status, counts["ok"], failed, counts["left_pending"])
+        if stop.reason in (FULL, REFUSED):
+            log.error("%s", refusal_message(req, stop))
         return stop.exit_status
     log.info("run %s finished: %d ok, %d failed, %d done before", run_id, counts["ok"], failed, p.done_before)
     if req.eval:
@@ -233,6 +253,7 @@ def _record(records: list[dict[str, Any]], run_id: str, writer: ResultWriter, co
         if rec["status"] == "failed" and _outage_failure(rec, stop):
             continue
         rec["run_id"] = run_id
+        counts[rec["status"]] = counts.get(rec["status"], 0) + 1  # before the write: a refused shard uncounts it
         if scores is None:
             writer.add(rec)
         else:
@@ -245,7 +266,6 @@ def _record(records: list[dict[str, Any]], run_id: str, writer: ResultWriter, co
             writer.add(rec)
             if len(writer.files_written) != shards:  # the scores go out right after their records' shard
                 scores.flush()
-        counts[rec["status"]] = counts.get(rec["status"], 0) + 1
         if rec["status"] == "failed":
             failed += 1
             log.warning("row %s failed: %s", rec["id"], rec["error"])
@@ -260,24 +280,62 @@ def _record(records: list[dict[str, Any]], run_id: str, writer: ResultWriter, co
 
 
 def _outage_failure(rec: dict[str, Any], stop: StopRequest) -> bool:
-    if StoreUnavailable.__name__ in str(rec.get("error") or ""):
+    """Whether a failed record is the store's condition, not the row's: an outage past its limit, or a
+    refused write (full, read-only, denied). Such a row is not recorded (it stays pending) and the run
+    stops; once it stops for the store, no other failure is recorded either (it may be the store's)."""
+    error = str(rec.get("error") or "")
+    if StoreUnavailable.__name__ in error:
         stop.request("outage", f"{rec['error']}; stopping: the rows in flight stay pending")
         return True
-    return stop.reason == "outage"
+    refused = _REFUSED_RECORD.search(error)
+    if refused:
+        stop.request(refused.group(1), f"{error[refused.start(1) - 1:]}; stopping: the rows in flight stay pending")
+        return True
+    return stop.reason in ("outage", *STORE_STOPS)
 
 
 def _status(stop: StopRequest, status: str) -> str:
     if stop.reason == "signal":
         return "interrupted"
-    if stop.reason in ("outage", "lease_lost", "cluster_lost"):
+    if stop.reason in ("outage", "lease_lost", "cluster_lost", *STORE_STOPS):
         return stop.reason
     return status
+
+
+def preflight(req: RunRequest) -> None:
+    """`run` checks that OUT and the feature store take a write before anything is loaded: exit 2 naming
+    the location and the reason (read-only, denied, full, no such bucket)."""
+    refusal.probe(req.out, "OUT")
+    if not storage.join(req.features_uri, "").startswith(storage.join(req.out, "")):
+        refusal.probe(req.features_uri, "the feature store (--features)")
+
+
+def refusal_message(req: RunRequest, stop: StopRequest) -> str:
+    """What the user reads when the output refused writes: where, why, what to fix, and how to resume."""
+    what = "is full" if stop.reason == FULL else "refuses writes"
+    first = re.sub(r"^\[\w+\] ", "", stop.message.split("; ")[0])
+    return (f"the output {storage.redact(req.out)} {what} ({first}). No row was recorded failed for this: the "
+            f"rows not written stay pending. To finish: {refusal.FIX[stop.reason]}.")
 
 
 def _give_up_in_flight(backend: Backend) -> None:
     """Past the grace period: stop the engine without waiting for its workers' last writes."""
     if hasattr(backend, "close_timeout"):
         backend.close_timeout = 5.0
+
+
+def _close_results(writer: ResultWriter, stop: StopRequest, counts: dict[str, int]) -> None:
+    """Write the last results shard. Rows whose shard the store refused were not recorded: they stay
+    pending (not counted ok or failed), and a refusal stops the run like one met mid-run."""
+    try:
+        writer.close()
+    except StoreRefused as e:
+        stop.request(e.kind, f"{e}; stopping: the rows in flight stay pending")
+    except Exception as e:  # noqa: BLE001 - the rest of the teardown still runs
+        log.error("could not write the last results shard: %s", storage.describe(e))
+    for rec in writer.unwritten:
+        counts[rec["status"]] = counts.get(rec["status"], 0) - 1
+    writer.unwritten.clear()
 
 
 def _close(writer: ResultWriter, what: str) -> None:

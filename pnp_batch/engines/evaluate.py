@@ -23,8 +23,8 @@ import pyarrow.compute as pc
 
 from pnp_batch.config import PipelineConfig, config_from_dict, with_overrides
 from pnp_batch.engines.progress import Progress
-from pnp_batch.errors import UsageError
-from pnp_batch.io import storage
+from pnp_batch.errors import StoreRefused, UsageError
+from pnp_batch.io import refusal, storage
 from pnp_batch.io.metrics import SCORE_SCHEMA, ScoreWriter, scored_keys
 from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.results import latest_results, make_run_id, read_run_summaries, result_files
@@ -111,6 +111,7 @@ def evaluate(req: EvalRequest) -> int:
     if p.todo.num_rows == 0:
         log.info("nothing to score: every ok row has a score (use --overwrite to score them again)")
         return 0
+    refusal.probe(storage.join(req.out, "eval"), "OUT/eval")  # before any metric model loads: exit 2
     if req.engine == "ray":
         scores = RayScoring(req, p)
     else:
@@ -123,6 +124,7 @@ def evaluate(req: EvalRequest) -> int:
     writer = ScoreWriter(req.out, run_id, shard_rows=SHARD_ROWS, flush_seconds=FLUSH_SECONDS)
     progress = Progress(p.todo.num_rows, f"pnp-batch eval {run_id}")
     counts = {"ok": 0, "failed": 0}
+    refused: StoreRefused | None = None
     try:
         for records in scores.records():
             for rec in records:
@@ -132,10 +134,19 @@ def evaluate(req: EvalRequest) -> int:
                     log.warning("row %s not scored: %s", rec["id"], rec["error"])
             failed = sum(r["status"] == "failed" for r in records)
             progress.update(len(records) - failed, failed)
+    except StoreRefused as e:  # the scores not written stay to do: `eval` again scores them
+        refused = e
     finally:
-        writer.close()
+        try:
+            writer.close()
+        except StoreRefused as e:
+            refused = refused or e
         progress.close()
         scores.stop()
+    if refused is not None:
+        log.error("eval %s stopped: %s (the rows whose scores were not written are scored by the next "
+                  "`pnp-batch eval`)", run_id, refused)
+        return 1
     log.info("eval %s finished: %d scored, %d failed; %d shard(s) in %s", run_id, counts["ok"], counts["failed"],
              len(writer.files_written), storage.redact(storage.join(req.out, "eval")))
     return 1 if counts["failed"] else 0

@@ -119,7 +119,7 @@ class FeatureStore:
         }
         data = st_save({TENSOR_NAME: t}, metadata=st_meta)
         uri = self.uri(key)
-        storage.write_bytes_atomic(uri, data)
+        storage.write_bytes_atomic(uri, data, wait=False)  # a refused feature write only warns: no pause
         record = {
             "key": key,
             **meta,
@@ -131,7 +131,7 @@ class FeatureStore:
             "pnp_batch_version": __version__,
         }
         storage.write_text_atomic(
-            self.record_uri(key), json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+            self.record_uri(key), json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", wait=False
         )
         return uri
 

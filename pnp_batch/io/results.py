@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pnp_batch.errors import UsageError
+from pnp_batch.errors import StoreRefused, UsageError
 from pnp_batch.io import storage
 from pnp_batch.io.done_index import DoneIndex
 
@@ -125,6 +125,7 @@ class ResultWriter:
         self.flush_seconds = flush_seconds
         self.rows_written = 0
         self.files_written: list[str] = []
+        self.unwritten: list[dict[str, Any]] = []  # records of shards the store refused (their rows stay pending)
         self._buffer: list[dict[str, Any]] = []
         self._seq = 0
         self._last_flush = time.monotonic()
@@ -172,7 +173,11 @@ class ResultWriter:
             last = None
             while self._buffer:
                 chunk, self._buffer = self._buffer[: self.shard_rows], self._buffer[self.shard_rows :]
-                last = self._write(chunk)
+                try:
+                    last = self._write(chunk)
+                except StoreRefused:
+                    self.unwritten.extend(chunk)
+                    raise
             self._last_flush = time.monotonic()
             return last
 

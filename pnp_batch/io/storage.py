@@ -186,8 +186,18 @@ def read_text(uri: str, timeout: float = 60) -> str:
     return read_bytes(uri, timeout).decode("utf-8")
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write ``data`` so readers see either the old object or the whole new one, never a part."""
+def write_bytes_atomic(uri: str, data: bytes, wait: bool = True) -> None:
+    """Write ``data`` so readers see either the old object or the whole new one, never a part.
+
+    A store that refuses the write (full, over quota, read-only, denied, no such bucket) raises
+    :class:`~pnp_batch.errors.StoreRefused`; a full one is tried again up to ``--outage-timeout`` first
+    (``wait=False``: at once). See io/refusal.py."""
+    from pnp_batch.io.refusal import write_or_refuse
+
+    write_or_refuse(lambda: _write_bytes(uri, data), uri, wait=wait)
+
+
+def _write_bytes(uri: str, data: bytes) -> None:
     local = _local_path(uri)
     if local is not None:
         _write_local_atomic(local, data)
@@ -205,8 +215,8 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     _invalidate(fs, path)
 
 
-def write_text_atomic(uri: str, text: str) -> None:
-    write_bytes_atomic(uri, text.encode("utf-8"))
+def write_text_atomic(uri: str, text: str, wait: bool = True) -> None:
+    write_bytes_atomic(uri, text.encode("utf-8"), wait=wait)
 
 
 def _write_local_atomic(path: str, data: bytes) -> None:
