@@ -113,6 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
 
+    f = sub.add_parser("features", help="PCA views of the decoder features and self-attention of chosen rows "
+                                        "(docs/features.md)")
+    f.add_argument("source", help="a manifest, or an OUT of pnp-batch run (its sources and outputs)")
+    f.add_argument("--ids", required=True, help="comma-separated row ids")
+    f.add_argument("--out", required=True, help="folder for the figures (and --save's numbers)")
+    f.add_argument("--layers", default=None, help="decoder layer numbers, e.g. 4-11 or 1,4,7 (default: all)")
+    f.add_argument("--timesteps", default=None,
+                   help="comma-separated timesteps (the nearest of the schedule; default: 5 spread over it)")
+    f.add_argument("--save", action="store_true", help="also write the features, components and explained "
+                   "variance (OUT/pca/*.npz, pca.parquet)")
+    f.add_argument("--max-fit-tokens", type=int, default=20_000,
+                   help="tokens each PCA of features, queries and keys is fit on (all are projected)")
+    f.add_argument("--max-fit-attention-tokens", type=int, default=1_024,
+                   help="tokens each PCA of attention rows is fit on (a row has one column per token)")
+    f.add_argument("--pipeline", default=None, help="default: the OUT's run config, or sd21-base for a manifest")
+    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    f.add_argument("--fallback-pipeline", default=None, metavar="NAME")
+    f.add_argument("--features", default=None, help="feature store (default OUT/features, or --out's features/)")
+    _policy_flags(f)
+    f.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+
     m = sub.add_parser("make-test-model", help="write the offline tiny test model (diffusers format)")
     m.add_argument("dir")
     m.add_argument("--seed", type=int, default=0)
@@ -287,6 +308,36 @@ def cmd_validate(a: argparse.Namespace) -> int:
     return 0 if report.ok else 2
 
 
+def _numbers(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError:
+        raise UsageError(f"{what} must be numbers or ranges like 4-11, got {text!r}") from None
+    return list(dict.fromkeys(out))
+
+
+def cmd_features(a: argparse.Namespace) -> int:
+    from pnp_batch.inspect.run import FeaturesRequest, run_features
+
+    _storage(a.storage_option)
+    if min(a.max_fit_tokens, a.max_fit_attention_tokens) < 3:
+        raise UsageError("--max-fit-tokens and --max-fit-attention-tokens must be at least 3")
+    written = run_features(FeaturesRequest(
+        source=a.source, ids=[i.strip() for i in a.ids.split(",") if i.strip()], out=a.out,
+        layers=_numbers(a.layers, "--layers"), timesteps=_numbers(a.timesteps, "--timesteps"), save=a.save,
+        pipeline=a.pipeline, overrides=a.overrides, fallback_pipeline=a.fallback_pipeline, features=a.features,
+        max_fit=a.max_fit_tokens, max_fit_attention=a.max_fit_attention_tokens, allow_uri=tuple(a.allow_uri), allow_private_network=a.allow_private_network,
+    ))
+    for uri in written:
+        print(uri)
+    return 0
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     from pnp_batch.io.results import status_report
 
@@ -353,6 +404,7 @@ VERBS = {
     "eval": cmd_eval,
     "validate": cmd_validate,
     "status": cmd_status,
+    "features": cmd_features,
     "report": cmd_report,
     "make-test-model": cmd_make_test_model,
     "bench": cmd_bench,

@@ -20,6 +20,7 @@ ALLOWED = {
     "eval": {ROOT, "io", "models"},
     "report": {ROOT, "io"},
     "engines": {ROOT, "io", "models", "translate", "eval", "report"},
+    "inspect": {ROOT, "io", "models", "translate", "report"},  # pnp-batch features
     "bench": {ROOT, "io", "models", "pnp", "translate", "eval", "engines", "report"},
 }
 STORAGE_LIBS = ("fsspec", "s3fs", "pyarrow.fs", "boto3", "botocore")

@@ -18,7 +18,7 @@ from pnp_batch.engines.plan import Plan, RunRequest, count_work, open_checked, w
 from pnp_batch.engines.progress import Progress
 from pnp_batch.engines.stop import GraceExpired, StopRequest
 from pnp_batch.errors import ClusterLost, StoreRefused, StoreUnavailable, UsageError
-from pnp_batch.io import refusal, retry, storage
+from pnp_batch.io import refusal, retry, storage, write_check
 from pnp_batch.io.lease import Lease, LeaseHeld
 from pnp_batch.io.manifest import Manifest, Row
 from pnp_batch.io.metrics import ScoreWriter
@@ -305,9 +305,9 @@ def _status(stop: StopRequest, status: str) -> str:
 def preflight(req: RunRequest) -> None:
     """`run` checks that OUT and the feature store take a write before anything is loaded: exit 2 naming
     the location and the reason (read-only, denied, full, no such bucket)."""
-    refusal.probe(req.out, "OUT")
+    write_check.probe(req.out, "OUT")
     if not storage.join(req.features_uri, "").startswith(storage.join(req.out, "")):
-        refusal.probe(req.features_uri, "the feature store (--features)")
+        write_check.probe(req.features_uri, "the feature store (--features)")
 
 
 def refusal_message(req: RunRequest, stop: StopRequest) -> str:

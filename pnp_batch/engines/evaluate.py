@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from pnp_batch.config import PipelineConfig, config_from_dict, with_overrides
 from pnp_batch.engines.progress import Progress
 from pnp_batch.errors import StoreRefused, UsageError
-from pnp_batch.io import refusal, storage
+from pnp_batch.io import storage, write_check
 from pnp_batch.io.metrics import SCORE_SCHEMA, ScoreWriter, scored_keys
 from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.results import latest_results, make_run_id, read_run_summaries, result_files
@@ -111,7 +111,7 @@ def evaluate(req: EvalRequest) -> int:
     if p.todo.num_rows == 0:
         log.info("nothing to score: every ok row has a score (use --overwrite to score them again)")
         return 0
-    refusal.probe(storage.join(req.out, "eval"), "OUT/eval")  # before any metric model loads: exit 2
+    write_check.probe(storage.join(req.out, "eval"), "OUT/eval")  # before any metric model loads: exit 2
     if req.engine == "ray":
         scores = RayScoring(req, p)
     else:

@@ -5,8 +5,8 @@ denied, its bucket gone) is the store's condition, not a row's.
 (ENOSPC, EDQUOT, quota codes: an operator can free space while the run waits) or ``store_refused``
 (EROFS, EACCES, EPERM, AccessDenied, NoSuchBucket, InvalidBucketName: nothing to wait for).
 ``storage.write_bytes_atomic`` raises :class:`~pnp_batch.errors.StoreRefused` for both, after waiting
-out a full store up to ``--outage-timeout`` (retry.OUTAGE's clock and limit); ``probe`` is the check
-`run` and `eval` make before any model loads (exit 2 naming the location and the reason).
+out a full store up to ``--outage-timeout`` (retry.OUTAGE's clock and limit); io/write_check.py is the
+check `run` and `eval` make before any model loads (exit 2 naming the location and the reason).
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import logging
 import random
 import re
 import time
-import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
-from pnp_batch.errors import StoreRefused, UsageError
+from pnp_batch.errors import StoreRefused
 from pnp_batch.io import retry
 from pnp_batch.io.credentials import redact
 
@@ -147,21 +146,3 @@ def write_or_refuse(fn: Callable[[], T], where: str, wait: bool = True) -> T:
             continue
         log.warning("%s takes writes again; resuming", redact(where))
         return out
-
-
-def probe(uri: str, what: str = "OUT") -> None:
-    """Check that ``uri`` (a folder or prefix) takes a write: write and delete a small object under it.
-    A refusal is a :class:`UsageError` (exit 2) naming the location and the reason."""
-    from pnp_batch.io import storage
-
-    name = storage.join(uri, f".pnp-batch-write-check-{uuid.uuid4().hex[:12]}")
-    try:
-        write_or_refuse(lambda: storage._write_bytes(name, b"pnp-batch write check\n"), name,
-                        wait=False)
-    except StoreRefused as e:
-        raise UsageError(f"{what} {redact(uri)} cannot take writes: {e.reason}; {FIX[e.kind].split(', then')[0]}. "
-                         "Nothing was loaded or written.") from None
-    try:
-        storage.delete(name)
-    except Exception as e:  # noqa: BLE001 - a leftover check file harms nothing
-        log.debug("could not delete the write check %s: %s", redact(name), e)

@@ -1,0 +1,67 @@
+"""Joint PCA: one 3-component fit over the tokens of every image together, so a colour means the same
+thing across images; each image's tokens projected with it.
+
+The fit is an exact SVD of the centred fit sample in float64 (every token, or a stated number drawn with
+a fixed seed when there are more: the projection still covers every token). Component signs are fixed:
+the entry of largest magnitude of each component is positive. Explained-variance ratios are of the fit
+sample's total variance, descending."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+COMPONENTS = 3
+
+
+@dataclass
+class JointPCA:
+    mean: np.ndarray  # (dim,)
+    components: np.ndarray  # (3, dim), rows unit-norm, signs fixed
+    explained_variance_ratio: np.ndarray  # (3,)
+    fit_rows: np.ndarray  # indices of the stacked tokens the fit used
+    total_rows: int
+
+    def project(self, x: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """Every row of ``x`` projected on the components (in chunks: attention rows can be large)."""
+        out = np.empty((len(x), COMPONENTS))
+        for i in range(0, len(x), chunk):
+            out[i : i + chunk] = (np.asarray(x[i : i + chunk], dtype=np.float64) - self.mean) @ self.components.T
+        return out
+
+
+def fix_signs(components: np.ndarray) -> np.ndarray:
+    """Each component multiplied by the sign of its entry of largest magnitude (made positive)."""
+    idx = np.argmax(np.abs(components), axis=1)
+    signs = np.sign(components[np.arange(len(components)), idx])
+    signs[signs == 0] = 1
+    return components * signs[:, None]
+
+
+def fit(x: np.ndarray, max_fit: int = 20_000, seed: int = 0) -> JointPCA:
+    """PCA of the rows of ``x`` (tokens x dim), fit on at most ``max_fit`` rows."""
+    n = len(x)
+    rows = np.arange(n) if n <= max_fit else np.sort(np.random.default_rng(seed).choice(n, max_fit, replace=False))
+    sample = np.asarray(x[rows], dtype=np.float64)
+    mean = sample.mean(axis=0)
+    centred = sample - mean
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    var = s**2
+    total = var.sum()
+    k = min(COMPONENTS, vt.shape[0])
+    comps = np.zeros((COMPONENTS, x.shape[1]))
+    comps[:k] = fix_signs(vt[:k])
+    ratio = np.zeros(COMPONENTS)
+    if total > 0:
+        ratio[:k] = var[:k] / total
+    return JointPCA(mean=mean, components=comps, explained_variance_ratio=ratio, fit_rows=rows, total_rows=n)
+
+
+def to_rgb(projections: list[np.ndarray]) -> list[np.ndarray]:
+    """Projections (tokens x 3) of several images as uint8 RGB, each component scaled by its range over
+    all of them together (so colours compare across images)."""
+    stacked = np.concatenate(projections)
+    lo, hi = stacked.min(axis=0), stacked.max(axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return [np.clip((p - lo) / span * 255.0 + 0.5, 0, 255).astype(np.uint8) for p in projections]
