@@ -82,7 +82,9 @@ FAILED_ROWS = {
     "bomb": "over the limit",
     "empty-prompt": "empty target_prompt",
     "../etc": "unsafe id",
-    "unreachable": "127.0.0.1:9",
+    "unreachable": "127.0.0.1:9",  # allowed by --allow-uri below, then retried and given up on
+    "metadata": "uri not allowed: link-local address 169.254.169.254",  # refused before any connection
+    "outside": "uri not allowed: local file",  # a local file outside the manifest's folder
 }
 
 
@@ -107,6 +109,8 @@ def _manifest(tmp_path) -> str:
         {"id": "long-prompt", "image": "good.png", "target_prompt": long_prompt},
         {"id": "../etc", "image": "good.png", "target_prompt": "a fox"},
         {"id": "unreachable", "image": "http://127.0.0.1:9/x.png", "target_prompt": "a fox"},
+        {"id": "metadata", "image": "http://169.254.169.254/latest/meta-data/x.png", "target_prompt": "a fox"},
+        {"id": "outside", "image": "../outside.png", "target_prompt": "a fox"},
     ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
     return str(tmp_path / "manifest.parquet")
@@ -124,7 +128,8 @@ def test_bad_input_corpus_through_a_run(tmp_path, tiny_model_dir, no_backoff, ca
     m = _manifest(inputs)
     out = tmp_path / "out"
     caplog.set_level(logging.INFO)
-    assert main(["run", m, "--out", str(out), *FAST]) == 1
+    (tmp_path / "outside.png").write_bytes((inputs / "good.png").read_bytes())
+    assert main(["run", m, "--out", str(out), *FAST, "--allow-uri", "http://127.0.0.1:9/"]) == 1
 
     res = {r["id"]: r for r in latest_results(str(out)).to_pylist()}
     assert set(res) == OK_ROWS | set(FAILED_ROWS)

@@ -271,7 +271,8 @@ def _fake_output(out: Path) -> list[str]:
             w.add({"id": rid, "status": "ok", "output": str(out / "images" / f"{rid}.png"), "image": str(src),
                    "target_prompt": PROMPTS[i % 2], "config_hash": cfg.hash()})
             ids.append(rid)
-    write_run_summary(str(out), "r0", {"config": cfg.to_dict(), "config_hash": cfg.hash(), "started_at": "x"})
+    write_run_summary(str(out), "r0", {"config": cfg.to_dict(), "config_hash": cfg.hash(), "started_at": "x",
+                                        "manifest": str(folder / "m.parquet")})  # eval reads sources under its folder
     return ids
 
 

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io import storage
 from pnp_batch.io.manifest import ManifestError, Row, derive_id, group_rows, open_manifest
 from pnp_batch.io.validate import estimate_tokens, validate_manifest
@@ -92,7 +93,10 @@ def test_s3_manifest(s3_bucket: str) -> None:
     rows = list(m.iter_rows())
     assert rows[0].image == f"{s3_bucket}/data/img/cat.png"
     assert m.check_ids() == 3
-    assert validate_manifest(f"{s3_bucket}/data/m.parquet").ok
+    report = validate_manifest(f"{s3_bucket}/data/m.parquet")  # a remote manifest may not name worker files
+    assert [(p[0], "local file /abs/dog.png" in p[2]) for p in report.row_problems] == [("b2", True)]
+    trusted = InputPolicy.for_manifest(f"{s3_bucket}/data/m.parquet", allow_uri=("/abs/",))
+    assert validate_manifest(f"{s3_bucket}/data/m.parquet", policy=trusted).ok
     folder = open_manifest(f"{s3_bucket}/data")
     assert [r.id for r in folder.iter_rows()] == ["a1", "b2", "c3"]
 
