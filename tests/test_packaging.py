@@ -42,7 +42,7 @@ def wheel(tmp_path_factory) -> Path:
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
          "-w", str(dist), str(src)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, check=False, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [whl] = dist.glob("pnp_batch-*.whl")
@@ -79,7 +79,7 @@ def test_data_paths_are_named_in_one_place() -> None:
 def test_installed_wheel_runs_the_tiny_model_from_another_directory(wheel: Path, tmp_path: Path, make_png) -> None:
     site = tmp_path / "site"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(site),
-                           str(wheel)], capture_output=True, text=True, timeout=300)
+                           str(wheel)], capture_output=True, text=True, check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -89,10 +89,10 @@ def test_installed_wheel_runs_the_tiny_model_from_another_directory(wheel: Path,
 
     def pnp(*argv: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "pnp_batch", *argv], cwd=elsewhere, env=env,
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, check=False, timeout=600)
 
     where = subprocess.run([sys.executable, "-c", "import pnp_batch; print(pnp_batch.__file__)"],
-                           cwd=elsewhere, env=env, capture_output=True, text=True)
+                           cwd=elsewhere, env=env, capture_output=True, text=True, check=False)
     assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr
     made = pnp("make-test-model", "model")
     assert made.returncode == 0, made.stderr[-3000:]
@@ -107,7 +107,6 @@ def test_the_cpu_lock_pins_every_dependency_within_its_range() -> None:
     """requirements/cpu.lock (bash tools/lock.sh) pins every dependency pyproject.toml declares, at a
     version its range admits: a dependency added without refreshing the lock fails here, by name."""
     import tomllib
-
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io import storage
 from pnp_batch.io.manifest import ManifestError, Row, derive_id, group_rows, open_manifest
+from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.validate import estimate_tokens, validate_manifest
 
 BASIC = {
