@@ -40,6 +40,7 @@ from pnp_batch.io.manifest_schema import (
     check_schema,
     csv_convert_options,
     csv_parse_options,
+    csv_typed,
     kind_of,
     read_schema,
 )
@@ -130,10 +131,10 @@ class Manifest(RowStream):
                 fh,
                 read_options=pacsv.ReadOptions(block_size=1 << 22),
                 parse_options=csv_parse_options(uri),
-                convert_options=csv_convert_options(cols),
+                convert_options=csv_convert_options(cols, self.columns),
             )
             for batch in reader:
-                yield from _rebatch(batch, batch_rows)
+                yield from _rebatch(csv_typed(batch, uri), batch_rows)
 
     def _json_batches(self, uri: str, cols: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
         with storage.open_input(uri) as fh:

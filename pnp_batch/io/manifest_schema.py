@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -87,16 +88,43 @@ def csv_parse_options(uri: str) -> pacsv.ParseOptions:
     return pacsv.ParseOptions(delimiter="\t" if uri.lower().endswith(".tsv") else ",", newlines_in_values=True)
 
 
-def csv_convert_options(cols: list[str] | None = None) -> pacsv.ConvertOptions:
-    types: dict[str, pa.DataType] = {c: pa.string() for c in STRING_COLUMNS}
-    types["image_bytes"] = pa.string()
-    types["seed"] = pa.int64()
-    types.update({c: pa.float64() for c in FLOAT_COLUMNS})
+# CSV cells read as text (ids, prompts and pass-through columns pass through unchanged: "NA", "null",
+# "02134" stay text); only the known numeric columns are numbers, where these tokens mean "no value".
+CSV_NULL_TOKENS = ("", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "none")
+CSV_NUMERIC = {"seed": pa.int64(), **{c: pa.float64() for c in FLOAT_COLUMNS}}
+
+
+def csv_convert_options(cols: list[str] | None = None, names: list[str] | None = None) -> pacsv.ConvertOptions:
+    """Every column as text (an empty cell is null); the numeric columns are typed by :func:`csv_typed`."""
+    types: dict[str, pa.DataType] = {c: pa.string() for c in (*STRING_COLUMNS, "image_bytes", *CSV_NUMERIC)}
+    types.update({c: pa.string() for c in names or ()})
     return pacsv.ConvertOptions(
         column_types=types,
         strings_can_be_null=True,
+        null_values=[""],
+        quoted_strings_can_be_null=False,
         include_columns=cols,
     )
+
+
+def csv_typed(batch: pa.RecordBatch, where: str) -> pa.RecordBatch:
+    """A CSV batch read as text with its numeric columns (seed, float overrides) as numbers; a cell that
+    is no number is a ManifestError naming the column."""
+    arrays = []
+    for name, col in zip(batch.schema.names, batch.columns):
+        typ = CSV_NUMERIC.get(name)
+        if typ is not None:
+            col = pc.if_else(pc.is_in(col, value_set=pa.array(CSV_NULL_TOKENS)), pa.nulls(len(col), pa.string()), col)
+            try:
+                col = pc.cast(pc.utf8_trim_whitespace(col), typ)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise ManifestError(f"{where}: column {name!r} holds a value that is not a number: {e}") from None
+        arrays.append(col)
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+
+
+def _csv_schema(names: list[str]) -> pa.Schema:
+    return pa.schema([pa.field(n, CSV_NUMERIC.get(n, pa.string())) for n in names])
 
 
 def read_schema(uri: str, kind: str) -> pa.Schema:
@@ -111,7 +139,7 @@ def read_schema(uri: str, kind: str) -> pa.Schema:
                     parse_options=csv_parse_options(uri),
                     convert_options=csv_convert_options(),
                 )
-                return reader.schema
+                return _csv_schema(reader.schema.names)
             return _json_schema(fh)
     except FileNotFoundError:
         raise ManifestError(storage.redact(f"manifest not found: {uri}")) from None

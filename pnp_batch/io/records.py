@@ -25,7 +25,8 @@ def row_record(row: Row, cfg: PipelineConfig, status: str, model: str, worker: s
         "error": None,
         "warning": None,
         "output": None,
-        "image": redact(row.image) if row.image is not None else "<image_bytes>",  # no URI credentials kept
+        # image_bytes win over image when a row has both: the record names what was translated (no URI credentials)
+        "image": redact(row.image) if row.image_bytes is None and row.image is not None else "<image_bytes>",
         "source_prompt": row.source_prompt,
         "target_prompt": row.target_prompt,
         "negative_prompt": None,
@@ -45,6 +46,9 @@ def row_record(row: Row, cfg: PipelineConfig, status: str, model: str, worker: s
         "worker": worker,
         "attempt": attempt,
         "finished_at": datetime.now(timezone.utc),
+        "work_key": row.work_key,
+        "image_sha256": None,
+        "output_sha256": None,
     }
     unknown = set(fields) - set(rec)
     if unknown:

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 # The results schema, versioned: every shard is written with exactly these columns and types (null
 # or not), then the pass-through columns typed from the manifest's schema. A later version only
 # adds columns (at the end), so shards of every version read as one dataset. docs/results.md.
-RESULTS_SCHEMA_VERSION = 1
+RESULTS_SCHEMA_VERSION = 2  # 2: work_key, image_sha256, output_sha256 (docs/resume.md)
 SCHEMA_VERSION_KEY = b"pnp_batch.results_schema_version"
 RESULT_SCHEMA = pa.schema(
     [
@@ -66,6 +66,9 @@ RESULT_SCHEMA = pa.schema(
         ("attempt", pa.int64()),
         ("run_id", pa.string()),
         ("finished_at", pa.timestamp("us", tz="UTC")),
+        ("work_key", pa.string()),
+        ("image_sha256", pa.string()),
+        ("output_sha256", pa.string()),
     ],
     metadata={SCHEMA_VERSION_KEY: str(RESULTS_SCHEMA_VERSION).encode()},
 )

@@ -29,6 +29,8 @@ class Row:
     # UNet batches with the same rows as in an uninterrupted run, and float rounding differs with
     # the batch, so this is what gives them the same bytes (CONTRACT).
     companion: bool = False
+    # What determines the row's output, hashed (io/work_key.py); set by the planner, carried by the record.
+    work_key: str | None = None
 
     @cached_property
     def source_key(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -317,6 +318,7 @@ class Translator(SourceFeatures):
         can start the next groups meanwhile, and must `resolve` the records before using them."""
         prepared: list[tuple[list[dict[str, Any]], list[Row], int | None]] = []
         sources: list[tuple[bytes, str]] = []
+        shas: list[str] = []  # each source's sha256: the record names the bytes translated
         for group in groups:
             records = [self._record(r, "failed", error=r.error, attempt=attempt)
                        for r in group if r.error and not r.companion]
@@ -333,6 +335,7 @@ class Translator(SourceFeatures):
                 continue
             prepared.append((records, rows, len(sources)))
             sources.append((data, self._inversion_prompt(first)))
+            shas.append(hashlib.sha256(data).hexdigest())
         decoded: dict[int, Any] | None = {} if self.scorer is not None else None
         feats = self.source_features_many(sources, decoded) if sources else []
         out = []
@@ -343,7 +346,7 @@ class Translator(SourceFeatures):
                     records += self._source_failed(rows, f, attempt)
                 else:
                     source = self._eval_source(decoded, idx, sources[idx][0]) if decoded is not None else None
-                    records += self._finish(rows, *f, attempt=attempt, source=source)
+                    records += self._finish(rows, *f, attempt=attempt, source=source, image_sha256=shas[idx])
             out.append(records)
         return out
 
@@ -369,7 +372,7 @@ class Translator(SourceFeatures):
         return [self._record(r, "failed", error=msg, attempt=attempt) for r in rows if not r.companion]
 
     def _finish(self, rows: list[Row], latents: torch.Tensor, key: str, hit: bool, t_inv: float,
-                attempt: int, source: Any = None) -> list[dict[str, Any]]:
+                attempt: int, source: Any = None, image_sha256: str | None = None) -> list[dict[str, Any]]:
         """Sample and decode the images of one group, write those of the rows to do (not of the
         companions: see Row.companion), and build their records."""
         first = rows[0]
@@ -394,6 +397,7 @@ class Translator(SourceFeatures):
                 invert_seconds=t_inv if not hit else 0.0, translate_seconds=t_tr, attempt=attempt,
                 warning=self.prompt_warning(r.target_prompt),
             )
+            ok["image_sha256"] = image_sha256
             if score is not None:
                 ok[SCORES_FIELD] = score  # the driver writes it to OUT/eval/ (only if the image is written)
             records.append(self._writer().submit(self._write_image, r, uri, img, ok))
@@ -402,11 +406,12 @@ class Translator(SourceFeatures):
     def _write_image(self, r: Row, uri: str, img: np.ndarray, ok: dict[str, Any]) -> dict[str, Any]:
         """Encode and write one image (in a writer thread); its ok record, or a failed one saying why."""
         try:
-            storage.write_bytes_atomic(uri, encode_image(img, self.cfg.output_format))
+            data = encode_image(img, self.cfg.output_format)
+            storage.write_bytes_atomic(uri, data)
         except Exception as e:  # noqa: BLE001 - this row fails; the others go on
             return self._record(r, "failed", error=_row_message(e, r), feature_key=ok["feature_key"],
                                 attempt=ok["attempt"])
-        return {**ok, "finished_at": datetime.now(timezone.utc)}
+        return {**ok, "finished_at": datetime.now(timezone.utc), "output_sha256": hashlib.sha256(data).hexdigest()}
 
     def _writer(self) -> ThreadPoolExecutor:
         if self._write_pool is None:
