@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 900: time for an autoscaler to add a GPU node and load the model)")
     r.add_argument("--features", default=None, help="feature store URI (default OUT/features); shareable")
     r.add_argument("--limit", type=int, default=None, help="only the first N manifest rows")
-    r.add_argument("--overwrite", action="store_true", help="redo rows already done")
+    r.add_argument("--overwrite", action="store_true", help="redo every row, done or not, under this config")
+    r.add_argument("--keep-done", action="store_true",
+                   help="when OUT holds rows done under another pipeline config, keep them and do only the rows "
+                   "never done (without it, or --overwrite, such a run exits 2; docs/resume.md)")
     r.add_argument("--dry-run", action="store_true", help="validate and plan; load no model")
     r.add_argument("--no-report", action="store_true", help="skip the contact sheet")
     r.add_argument("--eval", action="store_true",
@@ -250,11 +253,13 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     cfg = _with_policy(cfg, a)
     sweep = parse_sweeps(a.sweep, cfg, yes=a.yes)
+    if a.overwrite and a.keep_done:
+        raise UsageError("--overwrite and --keep-done contradict each other: give one")
     req = RunRequest(
         manifest=a.manifest, out=a.out, cfg=cfg, features=a.features, limit=a.limit, overwrite=a.overwrite,
         dry_run=a.dry_run, engine=a.engine, ray_address=a.ray_address, workers=a.workers,
         gpus_per_worker=a.gpus_per_worker, report=not a.no_report, storage_options=opts, eval=a.eval,
-        wait_for_lease=a.wait_for_lease, outage_timeout=a.outage_timeout, sweep=sweep,
+        wait_for_lease=a.wait_for_lease, outage_timeout=a.outage_timeout, sweep=sweep, keep_done=a.keep_done,
     )
     if a.lease_ttl is not None:
         req.lease_ttl = a.lease_ttl
@@ -262,7 +267,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         req.grace_seconds = a.grace_seconds
     if a.dry_run:
         _, _, p = plan(req)
-        print(f"manifest: {a.manifest}\nrows: {p.total}\nalready done: {p.done_before}\nto do: {p.todo}")
+        print(f"manifest: {a.manifest}\nrows: {p.total}\nalready done: {p.done_before}\nto do: {p.todo}"
+              f"\nchanged since done: {p.changed}")
         if sweep is not None:
             print(f"sweep: {sweep.describe()}")
         print(f"pipeline: {cfg.name} (config {cfg.hash()}), model {cfg.model}, steps {cfg.steps}, "

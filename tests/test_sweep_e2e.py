@@ -27,12 +27,14 @@ def test_run_sweep_resume_and_status(tmp_path, capsys):
     argv = ["run", str(tmp_path / "m.csv"), "--out", str(out), *FAST, *SWEEP]
     assert main(argv) == 0
     t = ds.dataset(str(out / "results")).to_table().sort_by("id").to_pylist()
-    assert [r["id"] for r in t] == ["row1.s0", "row1.s1", "row1.s2", "row1.s3"]
+    assert [r["id"] for r in t] == ["row1.alayers9-11_ft0.4", "row1.alayers9-11_ft0.8",
+                                        "row1.alayersdefault_ft0.4", "row1.alayersdefault_ft0.8"]
     assert {r["source_id"] for r in t} == {"row1"} and {r["tag"] for r in t} == {"x"}
     assert [r["setting"] for r in t] == [
-        "pnp_attn_layers=default,pnp_f_t=0.4", "pnp_attn_layers=default,pnp_f_t=0.8",
-        "pnp_attn_layers=9-11,pnp_f_t=0.4", "pnp_attn_layers=9-11,pnp_f_t=0.8"]
+        "pnp_attn_layers=9-11,pnp_f_t=0.4", "pnp_attn_layers=9-11,pnp_f_t=0.8",
+        "pnp_attn_layers=default,pnp_f_t=0.4", "pnp_attn_layers=default,pnp_f_t=0.8"]
     assert [r["pnp_f_t"] for r in t] == [0.4, 0.8, 0.4, 0.8] and all(r["status"] == "ok" for r in t)
+    assert len({r["work_key"] for r in t}) == 4 and all(len(r["output_sha256"]) == 64 for r in t)
     unet = _summaries(out)[0]["stats"]["unet"]
     assert unet["inversions"] == 1 and unet["invert_calls"] == 4  # two groups (two layer settings), one inversion
     assert (out / "report" / "sweep.png").exists()

@@ -133,8 +133,8 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
     rows meanwhile), then the groups left are translated and recorded."""
     done, p = count_work(req, manifest, total)
     log.info(
-        "run %s: %d rows in the manifest, %d already done, %d to do (engine %s, pipeline %s)",
-        run_id, p.total, p.done_before, p.todo, backend.name, req.cfg.name,
+        "run %s: %d rows in the manifest, %d already done, %d to do, %d of them changed (engine %s, pipeline %s)",
+        run_id, p.total, p.done_before, p.todo, p.changed, backend.name, req.cfg.name,
     )
     counts = {"ok": 0, "failed": 0, "companions": 0, "left_pending": 0}
     sample: list[dict[str, Any]] = []
@@ -381,6 +381,8 @@ def _summary(req: RunRequest, manifest_uri: str, run_id: str, started: datetime,
         "counts": {
             "manifest_rows": p.total,
             "done_before": p.done_before,
+            "changed": p.changed,
+            "kept_other_config": p.other_config if req.keep_done else 0,
             "attempted": counts.get("ok", 0) + counts.get("failed", 0),
             "ok": counts.get("ok", 0),
             "failed": counts.get("failed", 0),
@@ -395,7 +397,7 @@ def _summary(req: RunRequest, manifest_uri: str, run_id: str, started: datetime,
         "result_files": getattr(writer, "files_written", None),
         "stats": stats,
         "versions": versions(),
-        "options": {"limit": req.limit, "overwrite": req.overwrite, "workers": req.workers,
+        "options": {"limit": req.limit, "overwrite": req.overwrite, "keep_done": req.keep_done, "workers": req.workers,
                     "grace_seconds": req.grace_seconds, "lease_ttl": req.lease_ttl,
                     "outage_timeout": retry.OUTAGE.limit(),
                     "sweep": req.sweep.to_items() if req.sweep is not None else None},

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pnp_batch.config import PipelineConfig
+from pnp_batch.engines import resume
 from pnp_batch.engines.stop import DEFAULT_GRACE
 from pnp_batch.io import storage
 from pnp_batch.io.done_index import DoneIndex
@@ -33,6 +34,7 @@ class RunRequest:
     features: str | None = None
     limit: int | None = None
     overwrite: bool = False
+    keep_done: bool = False  # rows ok under another config stay done (engines/resume.py)
     dry_run: bool = False
     engine: str = "local"
     ray_address: str | None = None
@@ -83,6 +85,8 @@ class Plan:
     total: int
     done_before: int
     todo: int
+    changed: int = 0  # rows whose id was done under another work key (changed upstream): redone
+    other_config: int = 0  # rows ok under another config (kept with --keep-done, redone with --overwrite)
 
 
 def work_groups(manifest: Manifest, done: DoneIndex | Mapping[str, str], req: RunRequest,
@@ -104,9 +108,11 @@ def work_groups(manifest: Manifest, done: DoneIndex | Mapping[str, str], req: Ru
     size = req.window_rows
     window: list[Row] = []  # the rows of the window being filled (it spans batches)
     window_todo = False
+    config_hash = req.cfg.hash()
     for start, batch in manifest.iter_batches(limit=req.row_limit):
         n = batch.num_rows
-        ok = np.zeros(n, dtype=bool) if req.overwrite else index.is_ok(manifest.batch_ids(batch, start))
+        ids, keys = resume.batch_keys(manifest, batch, start, config_hash)
+        ok = np.zeros(n, dtype=bool) if req.overwrite else resume.classify(index, ids, keys, req.keep_done)[0]
         i = 0
         while i < n:
             end = min(n, ((start + i) // size + 1) * size - start)  # this window's end within the batch
@@ -114,7 +120,7 @@ def work_groups(manifest: Manifest, done: DoneIndex | Mapping[str, str], req: Ru
             if not window and end - i == size and not todo:
                 i = end  # a whole window, every row done: nothing from it
                 continue
-            rows = manifest.rows_of(batch, start, i, end)
+            rows = resume.with_keys(manifest.rows_of(batch, start, i, end), keys, i)
             window.extend(replace(r, companion=True) if k else r for r, k in zip(rows, ok[i:end].tolist()))
             window_todo = window_todo or todo
             if (start + end) % size == 0:
@@ -177,27 +183,24 @@ def open_checked(req: RunRequest) -> tuple[Manifest, int]:
 
 
 def count_work(req: RunRequest, manifest: Manifest, total: int) -> tuple[DoneIndex, Plan]:
-    """The done-index of OUT and the rows left to do.
+    """The done-index of OUT and the rows left to do, by work key (engines/resume.py).
 
-    Ids stream batch by batch against the done-index's sorted array (io/done_index.py): no Python
-    object per row, so ten million rows plan in bounded memory."""
-    done = DoneIndex.empty() if req.overwrite else done_index(req.out, req.cfg.hash())
-    if done:
-        _warn_other_config(req, done)
-    # counted from the id column alone (no image bytes, prompts or overrides decoded)
-    todo = total
-    if not req.overwrite:
-        for _, ids in manifest.iter_id_batches(limit=req.row_limit):
-            todo -= int(done.is_ok(ids).sum())
-    return done, Plan(total=total, done_before=total - todo, todo=todo)
-
-
-def _warn_other_config(req: RunRequest, done: DoneIndex) -> None:
-    """Rows done under another pipeline config stay done (resume is by id): say so, once."""
-    other = done.ok_other_config_count
-    if other:
-        log.warning(
-            "%d rows in %s were done with another pipeline config (config_hash differs from %s); they count "
-            "as done: use --overwrite to redo them with this one, or another --out",
-            other, req.out, req.cfg.hash(),
-        )
+    The id and work-key columns stream batch by batch against the done-index's sorted array
+    (io/done_index.py): no Python object per row but its key, so ten million rows plan in bounded
+    memory. Rows ok under another config stop the run here (exit 2, before any work) unless
+    --overwrite or --keep-done says what to do with them."""
+    if req.overwrite:
+        return DoneIndex.empty(), Plan(total=total, done_before=0, todo=total)
+    config_hash = req.cfg.hash()
+    done = done_index(req.out, config_hash)
+    c = resume.count(manifest, done, config_hash, req.row_limit, req.keep_done)
+    if c.other_config and not req.keep_done:
+        raise resume.ConfigChanged(resume.config_change_message(
+            req.out, config_hash, c.other_config, resume.other_config_hashes(req.out, config_hash)))
+    if c.other_config:
+        log.info("%d rows done under another pipeline config are kept (--keep-done)", c.other_config)
+    if c.changed:
+        log.info("%d rows changed since they were done (image, prompts, overrides or sweep setting): redone",
+                 c.changed)
+    return done, Plan(total=total, done_before=c.done, todo=total - c.done, changed=c.changed,
+                      other_config=c.other_config)

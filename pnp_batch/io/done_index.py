@@ -45,6 +45,7 @@ class _Scan:
     finished: list[np.ndarray]
     ok: list[np.ndarray]
     other: list[np.ndarray]
+    wk: list[np.ndarray]  # first 64 bits of each record's work key (0: none, results schema v1)
     starts: list[int]  # index of each shard's first record in the concatenation
 
 
@@ -53,7 +54,8 @@ class DoneIndex:
     whether it was made under another config hash (when one was given)."""
 
     def __init__(self, ids: pa.Array, ok: np.ndarray, seq: np.ndarray, finished: np.ndarray,
-                 other_config: np.ndarray, files: list[str], starts: np.ndarray) -> None:
+                 other_config: np.ndarray, files: list[str], starts: np.ndarray,
+                 work_keys: np.ndarray | None = None) -> None:
         self.ids = ids
         self.ok = ok
         self.seq = seq  # position of the id's latest record in the shards' concatenation
@@ -61,6 +63,8 @@ class DoneIndex:
         self.other_config = other_config
         self.files = files
         self.starts = starts
+        # per id, the first 64 bits of its latest record's work key (io/work_key.py; 0: a v1 record without)
+        self.work_keys = np.zeros(len(ids), np.uint64) if work_keys is None else work_keys
 
     # ---- building ----------------------------------------------------------------------------
 
@@ -84,7 +88,7 @@ class DoneIndex:
     @classmethod
     def from_files(cls, files: list[str], config_hash: str | None = None) -> DoneIndex:
         """Read ``id``, ``status``, ``finished_at`` (and ``config_hash``) of every shard, in order."""
-        scan = _Scan([], [], [], [], [])
+        scan = _Scan([], [], [], [], [], [])
         total = 0
         for table in _read_all(files, config_hash is not None):
             n = table.num_rows
@@ -97,6 +101,7 @@ class DoneIndex:
             fin = pc.fill_null(fin.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()), _OLDEST)
             scan.finished.append(fin.to_numpy())
             scan.ok.append(pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False))
+            scan.wk.append(_key_prefixes(table.column("work_key")))
             if config_hash is not None:
                 # a record without a config hash (older shards) is not counted as another config
                 other = pc.fill_null(pc.not_equal(table.column("config_hash"), config_hash), False)
@@ -127,12 +132,13 @@ class DoneIndex:
         keep = order if unique else order[last]
         ok = np.concatenate(scan.ok)[keep]
         other = np.concatenate(scan.other)[keep]
+        wk = np.concatenate(scan.wk)[keep]
         if not unique:
             ids = ids.filter(pa.array(last))
         del order, last
         pa.default_memory_pool().release_unused()
         return cls(ids, ok, keep.astype(np.int64), finished[keep], other, list(files),
-                   np.asarray(scan.starts, dtype=np.int64))
+                   np.asarray(scan.starts, dtype=np.int64), wk)
 
     # ---- looking up -------------------------------------------------------------------------
 
@@ -166,6 +172,26 @@ class DoneIndex:
         at = np.where(inside, pos, 0)
         found = inside & pc.equal(self.ids.take(pa.array(at)), needles).to_numpy(zero_copy_only=False)
         return found, found & self.ok[at]
+
+    def match(self, ids: pa.Array | pa.ChunkedArray, keys: np.ndarray) -> dict[str, np.ndarray]:
+        """For a batch of ids and their rows' work keys (first 64 bits, io/work_key.prefixes), numpy bool
+        arrays: ``done`` (latest record ok under this key; a v1 record without a key: under this
+        config), ``other_config`` (latest record ok, made under another config), ``changed`` (latest
+        record under this config but another key: the row changed upstream), ``found``."""
+        needles = as_ids(ids)
+        n = len(needles)
+        if not len(self.ids) or not n:
+            z = np.zeros(n, bool)
+            return {"found": z, "done": z, "other_config": z, "changed": z}
+        pos = _positions(self.ids, needles)
+        inside = pos < len(self.ids)
+        at = np.where(inside, pos, 0)
+        found = inside & pc.equal(self.ids.take(pa.array(at)), needles).to_numpy(zero_copy_only=False)
+        wk = self.work_keys[at]
+        other = found & self.other_config[at]
+        same_key = found & ((wk == keys) | ((wk == 0) & ~other))
+        return {"found": found, "done": same_key & self.ok[at], "other_config": other & self.ok[at],
+                "changed": found & ~other & ~same_key}
 
     def is_ok(self, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
         return self.lookup(ids)[1]
@@ -230,7 +256,8 @@ def _read_all(files: list[str], with_config: bool, threads: int | None = None) -
 
 def _read_columns(uri: str, with_config: bool) -> pa.Table:
     """id, status, finished_at (and config_hash) of one shard; a column it lacks comes back null."""
-    want = {"id": pa.string(), "status": pa.string(), "finished_at": pa.timestamp("us", tz="UTC")}
+    want = {"id": pa.string(), "status": pa.string(), "finished_at": pa.timestamp("us", tz="UTC"),
+            "work_key": pa.string()}
     if with_config:
         want["config_hash"] = pa.string()
     with storage.open_input(uri) as fh:
@@ -241,6 +268,12 @@ def _read_columns(uri: str, with_config: bool) -> pa.Table:
         if name not in names:
             table = table.append_column(name, pa.nulls(table.num_rows, typ))
     return table
+
+
+def _key_prefixes(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """The first 64 bits of each work key as uint64 (0 where null: records of results schema v1)."""
+    text = pc.fill_null(pc.utf8_slice_codeunits(col, 0, 16), "0").to_pylist()
+    return np.fromiter((int(t or "0", 16) for t in text), dtype=np.uint64, count=len(text))
 
 
 def _read_column(uri: str, name: str) -> pa.ChunkedArray | None:

@@ -1,8 +1,10 @@
 """Parameter sweeps (`pnp-batch run --sweep KEY=V1,V2,...`): every manifest row expanded into the grid.
 
-Each grid point of a row becomes a row of its own with a derived id (`{id}.s{NN}`, see `derived_id`),
-the original id in the pass-through column `source_id`, the grid point in the pass-through column
-`setting` (`guidance_scale=5,pnp_attn_t=0.25,pnp_f_t=0.4`: swept keys sorted, values as given) and
+Each grid point of a row becomes a row of its own with an id derived from the point's values
+(`{id}.{slug}`, e.g. `row7.gs5_attn0.25_ft0.4`; see `slug` and `derived_id`), so growing or
+shrinking a grid keeps every point's id, the original id in the pass-through column `source_id`,
+the grid point in the pass-through column `setting` (`guidance_scale=5,pnp_attn_t=0.25,pnp_f_t=0.4`:
+swept keys sorted, values in canonical form) and
 the swept values as the row's overrides. All grid points of a source go in one group (one inversion,
 one shared source branch), except where a swept key changes the batch itself (config.GROUP_KEYS):
 those form separate groups of the same source, which still share its inversion (feature store).
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -31,6 +34,28 @@ SWEEP_COLUMNS = ("source_id", "setting")
 MAX_GRID = 10_000  # settings per row above which --yes is required
 MAX_ID = 128
 _FLOAT_KEYS = ("guidance_scale", "pnp_f_t", "pnp_attn_t")
+# short names of the swept keys in derived ids (`row7.gs5_attn0.25_ft0.4`)
+SLUG_NAMES = {"guidance_scale": "gs", "pnp_f_t": "ft", "pnp_attn_t": "attn", "seed": "seed", "negative_prompt": "neg",
+              "negative_prompt_mode": "negmode", "pnp_feature_blocks": "fblocks", "pnp_attn_layers": "alayers"}
+_RAW_SLUG = re.compile(r"[A-Za-z0-9-]{1,24}")
+
+
+def canonical_text(text: str, value: Any) -> str:
+    """A swept value as text, the same however a number was written (`5`, `5.0` -> `5`; `0.40` -> `0.4`);
+    other values as given."""
+    if isinstance(value, float):
+        return repr(value).removesuffix(".0")
+    if isinstance(value, int):
+        return str(value)
+    return text
+
+
+def slug_value(text: str) -> str:
+    """A value (canonical text) as it appears in a derived id: a number or a short plain word as is, else
+    `h` and 8 hex chars of its sha256 (a prompt, a layer list with commas)."""
+    if _RAW_SLUG.fullmatch(text) or re.fullmatch(r"[0-9][0-9.e+-]{0,23}", text):
+        return text
+    return "h" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
 
 
 class SweepError(UsageError):
@@ -49,12 +74,19 @@ class Sweep:
         return math.prod(len(v) for v in self.values)
 
     def points(self) -> list[tuple[str, dict[str, Any]]]:
-        """(setting label, overrides) for every grid point, in a fixed order (the last key varies fastest)."""
+        """(setting label, overrides) for every grid point, in a fixed order (the last key varies fastest).
+        The label is made from the values (canonical text), never from the point's position."""
         out = []
         for combo in itertools.product(*self.values):
-            label = ",".join(f"{k}={text}" for k, (text, _) in zip(self.keys, combo))
+            label = ",".join(f"{k}={canonical_text(text, value)}" for k, (text, value) in zip(self.keys, combo))
             out.append((label, {k: value for k, (_, value) in zip(self.keys, combo)}))
         return out
+
+    def slugs(self) -> list[str]:
+        """Each grid point's id suffix, from its values: `gs5_attn0.25_ft0.4` (keys sorted)."""
+        return ["_".join(f"{SLUG_NAMES.get(k, k)}{slug_value(canonical_text(text, value))}"
+                         for k, (text, value) in zip(self.keys, combo))
+                for combo in itertools.product(*self.values)]
 
     def layer_settings(self, cfg: PipelineConfig) -> tuple[tuple[tuple[str, ...] | None, tuple[str, ...] | None], ...]:
         """The (pnp_feature_blocks, pnp_attn_layers) pairs of the grid's points, where it sweeps either."""
@@ -136,11 +168,14 @@ def parse_sweeps(items: list[str], cfg: PipelineConfig, yes: bool = False) -> Sw
     return sweep
 
 
-def derived_id(source_id: str, index: int, size: int) -> str:
-    """The id of grid point `index` of a row: `{id}.s{index}` (zero-padded to the grid's width), always
-    within the id pattern's 128 characters: a longer one keeps the id's start and 10 hex chars of its
-    sha256, `{start}-{hash}.s{index}`. Deterministic, unique per (id, index), readable."""
-    suffix = f".s{index:0{len(str(max(size - 1, 0)))}d}"
+def derived_id(source_id: str, slug: str) -> str:
+    """The id of a row's grid point: `{id}.{slug}` (the slug made from the point's values, Sweep.slugs),
+    always within the id pattern's 128 characters: a longer one keeps the id's start and 10 hex chars
+    of its sha256, `{start}-{hash}.{slug}` (a slug over 64 characters is itself shortened to 16 hex
+    chars of its sha256). Deterministic, unique per (id, setting), readable."""
+    if len(slug) > 64:
+        slug = "h" + hashlib.sha256(slug.encode("utf-8")).hexdigest()[:16]
+    suffix = "." + slug
     if len(source_id) + len(suffix) <= MAX_ID:
         return source_id + suffix
     digest = hashlib.sha256(source_id.encode("utf-8")).hexdigest()[:10]
@@ -177,7 +212,10 @@ class SweptManifest(RowStream):
         self.sweep = sweep
         self.size = sweep.size
         self._points = sweep.points()
-        self._suffixes = [derived_id("", g, self.size) for g in range(self.size)]
+        self.slugs = sweep.slugs()
+        if len(set(self.slugs)) != len(self.slugs):
+            raise SweepError("--sweep: two grid points have the same id suffix; give values that differ in text")
+        self._suffixes = [derived_id("", s) for s in self.slugs]
         self._per_slice = max(1, BATCH_ROWS // self.size)  # manifest rows expanded at once
 
     def __getattr__(self, name: str) -> Any:  # uri, files, kind, schema, base_dir, columns, fingerprint
@@ -206,7 +244,7 @@ class SweptManifest(RowStream):
         row's own overrides."""
         for g in points if points is not None else range(self.size):
             label, overrides = self._points[g]
-            yield replace(row, index=row.index * self.size + g, id=derived_id(row.id, g, self.size),
+            yield replace(row, index=row.index * self.size + g, id=derived_id(row.id, self.slugs[g]),
                           overrides={**row.overrides, **overrides},
                           extra={**row.extra, "source_id": row.id, "setting": label})
 
@@ -217,7 +255,7 @@ class SweptManifest(RowStream):
         suffix = pa.array((self._suffixes * len(ids))[:count], pa.large_string())
         out = pc.binary_join_element_wise(rep.cast(pa.large_string()), suffix, pa.scalar("", pa.large_string()))
         if count and pc.max(pc.utf8_length(out)).as_py() > MAX_ID:
-            out = pa.array([derived_id(rid, k % self.size, self.size) for k, rid in enumerate(rep.to_pylist())],
+            out = pa.array([derived_id(rid, self.slugs[k % self.size]) for k, rid in enumerate(rep.to_pylist())],
                            pa.large_string())
         return out
 
@@ -262,6 +300,6 @@ class SweptManifest(RowStream):
 
     def check_ids(self) -> int:
         """Expanded row count; duplicate manifest ids are a ManifestError. Derived ids of distinct ids
-        differ: `.s{digits}` parses back unambiguously, and a shortened id carries 10 hex chars of the
+        differ: every suffix is `.` plus a slug of the same keys, and a shortened id carries 10 hex chars of the
         whole id's sha256 (only a manifest id spelled exactly like another's shortened form could meet it)."""
         return self.manifest.check_ids() * self.size

@@ -1,0 +1,114 @@
+"""Resume by work key: which rows of the manifest are done, changed, or done under another config.
+
+A row is done when the latest record of its id is ``ok`` and carries the row's work key
+(io/work_key.py). Against OUT's done-index each row is one of:
+
+* done: skipped (or translated again, unwritten, as a companion of a row redone in its group);
+* changed: its id's latest record is under this config but another key (image, prompts or overrides
+  corrected upstream): redone, counted ``changed``; the old record stays in the history;
+* other config: its id's latest record is ok under another pipeline config. A choice the user states:
+  ``--overwrite`` redoes every row, ``--keep-done`` keeps these as done; neither: exit 2 before any work
+  (:class:`ConfigChanged`);
+* to do: no record, or the latest failed.
+
+Keys are computed a manifest batch at a time (io/work_key.batch_material); docs/resume.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pnp_batch.errors import UsageError
+from pnp_batch.io import storage
+from pnp_batch.io.done_index import DoneIndex
+from pnp_batch.io.work_key import WORK_KEY_COLUMNS, batch_material, keys_of, prefixes
+
+
+class ConfigChanged(UsageError):
+    """OUT holds rows done under another config and neither --overwrite nor --keep-done was given (exit 2)."""
+
+
+@dataclass
+class ResumeCounts:
+    total: int = 0
+    done: int = 0
+    changed: int = 0
+    other_config: int = 0  # ok under another config (kept with --keep-done)
+    other_configs: dict[str, int] = field(default_factory=dict)
+
+
+def key_columns(manifest: Any) -> list[str]:
+    """The manifest columns planning reads: the id and the work-key columns it has."""
+    return [c for c in ("id", *WORK_KEY_COLUMNS) if c in manifest.columns]
+
+
+def batch_keys(manifest: Any, batch: Any, start: int, config_hash: str) -> tuple[pa.Array, list[str]]:
+    """The ids and work keys of one batch of a manifest or of a swept manifest (io/sweep.GridBatch)."""
+    sweep = getattr(manifest, "sweep", None)
+    if sweep is None:
+        ids = manifest.batch_ids(batch, start)
+        return ids, keys_of(batch_material(batch, ids), config_hash)
+    base = manifest.manifest
+    base_ids = base.batch_ids(batch.base, batch.base_start)
+    material = batch_material(batch.base, base_ids).to_pylist()
+    size = manifest.size
+    n = batch.num_rows
+    rep = [material[k // size] for k in range(n)]
+    slugs = manifest.slugs
+    settings = [slugs[k % size] for k in range(n)]
+    return manifest.batch_ids(batch, start), keys_of(pa.array(rep, pa.large_string()), config_hash, settings)
+
+
+def classify(index: DoneIndex, ids: pa.Array, keys: list[str], keep_done: bool) -> tuple[np.ndarray, dict]:
+    """(done mask, the match arrays) for one batch: with ``keep_done`` rows ok under another config count as done."""
+    m = index.match(ids, prefixes(keys))
+    done = m["done"] | m["other_config"] if keep_done else m["done"]
+    return done, m
+
+
+def count(manifest: Any, index: DoneIndex, config_hash: str, limit: int | None, keep_done: bool) -> ResumeCounts:
+    """Stream the manifest's batches against the done-index: how many rows are done, changed, other config."""
+    c = ResumeCounts()
+    for start, batch in manifest.iter_batches(limit=limit, columns=key_columns(manifest)):
+        ids, keys = batch_keys(manifest, batch, start, config_hash)
+        done, m = classify(index, ids, keys, keep_done)
+        c.total += len(ids)
+        c.done += int(done.sum())
+        c.changed += int(m["changed"].sum())
+        c.other_config += int(m["other_config"].sum())
+    return c
+
+
+def config_change_message(out: str, config_hash: str, n: int, others: list[str]) -> str:
+    named = ", ".join(others[:5]) if others else "another config"
+    return (
+        f"{storage.redact(out)} holds {n} row(s) of this manifest done under another pipeline config "
+        f"({named}; this run's config is {config_hash}). Re-running would overwrite their images: pass "
+        f"--overwrite to redo every row under this config, --keep-done to keep them and do only the rows never "
+        f"done, or use another --out (docs/resume.md)"
+    )
+
+
+def other_config_hashes(out: str, config_hash: str) -> list[str]:
+    """The config hashes of OUT's run summaries other than ``config_hash``, newest first (for the message)."""
+    from pnp_batch.io.results import read_run_summaries
+
+    seen: dict[str, None] = {}
+    for doc in reversed(read_run_summaries(out)):
+        h = doc.get("config_hash")
+        if h and h != config_hash:
+            seen.setdefault(str(h))
+    return list(seen)
+
+
+def with_keys(rows: list, keys: list[str], offset: int) -> Iterator:
+    """The rows with their work keys (``keys`` indexed from ``offset``)."""
+    from dataclasses import replace
+
+    for k, r in enumerate(rows):
+        yield replace(r, work_key=keys[offset + k])
