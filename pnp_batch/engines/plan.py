@@ -189,6 +189,7 @@ def count_work(req: RunRequest, manifest: Manifest, total: int) -> tuple[DoneInd
     (io/done_index.py): no Python object per row but its key, so ten million rows plan in bounded
     memory. Rows ok under another config stop the run here (exit 2, before any work) unless
     --overwrite or --keep-done says what to do with them."""
+    resume.check_passthrough(manifest, req.out)
     if req.overwrite:
         return DoneIndex.empty(), Plan(total=total, done_before=0, todo=total)
     config_hash = req.cfg.hash()

@@ -112,3 +112,36 @@ def with_keys(rows: list, keys: list[str], offset: int) -> Iterator:
 
     for k, r in enumerate(rows):
         yield replace(r, work_key=keys[offset + k])
+
+
+def _kind(t: pa.DataType) -> str:
+    """A type's family: columns of one family cast into each other losslessly (int32 -> int64...)."""
+    for name, test in (("string", lambda x: pa.types.is_string(x) or pa.types.is_large_string(x)
+                        or pa.types.is_string_view(x) or pa.types.is_dictionary(x) and pa.types.is_string(x.value_type)),
+                       ("integer", pa.types.is_integer), ("floating", pa.types.is_floating),
+                       ("boolean", pa.types.is_boolean), ("binary", lambda x: pa.types.is_binary(x)
+                        or pa.types.is_large_binary(x)), ("timestamp", pa.types.is_timestamp)):
+        if test(t):
+            return name
+    return str(t)
+
+
+def check_passthrough(manifest: Any, out: str) -> None:
+    """A pass-through column whose type differs from the one OUT's results already hold would leave OUT/results
+    unreadable as one dataset: a UsageError (exit 2, before any work) naming the column and both types."""
+    from pnp_batch.io.results import _carried_columns
+
+    held = _carried_columns(out)
+    if not held:
+        return
+    clashes = []
+    for f in manifest.extra_schema:
+        old = held.get(f.name)
+        if old is None or pa.types.is_null(f.type) or _kind(old) == _kind(f.type):
+            continue
+        clashes.append(f"{f.name!r} is {f.type} in the manifest but {old} in the results already in OUT")
+    if clashes:
+        raise UsageError(
+            f"pass-through column type differs from {storage.redact(out)}/results: {'; '.join(clashes)}. "
+            f"Cast the column in the manifest to the type OUT holds (CSV columns are read as text), or use "
+            f"another --out")
