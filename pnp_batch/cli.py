@@ -266,6 +266,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.grace_seconds is not None:
         req.grace_seconds = a.grace_seconds
     if a.dry_run:
+        from pnp_batch.io.validate import validate_manifest
+
+        checked = validate_manifest(a.manifest)  # the same checks as `pnp-batch validate`, same verdict
         _, _, p = plan(req)
         print(f"manifest: {a.manifest}\nrows: {p.total}\nalready done: {p.done_before}\nto do: {p.todo}"
               f"\nchanged since done: {p.changed}")
@@ -274,6 +277,9 @@ def cmd_run(a: argparse.Namespace) -> int:
         print(f"pipeline: {cfg.name} (config {cfg.hash()}), model {cfg.model}, steps {cfg.steps}, "
               f"inversion_steps {cfg.inversion_steps}")
         print(f"output: {a.out}\nfeatures: {req.features_uri}\nengine: {a.engine}")
+        if not checked.ok:
+            print(checked.format())
+            return 2
         return 0
     if a.engine == "ray":
         from pnp_batch.engines.ray import RayBackend
@@ -349,7 +355,10 @@ def cmd_status(a: argparse.Namespace) -> int:
 
     _storage(a.storage_option)
     from pnp_batch.io.metrics import format_score_stats, score_stats
+    from pnp_batch.io.storage import exists
 
+    if not exists(a.out):
+        raise UsageError(f"output not found: {a.out} (nothing has been written there)")
     print(status_report(a.out).format())
     print(_lease_line(a.out))
     print(format_score_stats(score_stats(a.out)))

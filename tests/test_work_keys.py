@@ -152,3 +152,31 @@ def test_passthrough_type_change_exits_2_before_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'tag'" in err and "string" in err and "int64" in err
     assert ds.dataset(str(out / "results")).count_rows() == 1
+
+
+def test_edges_out_inside_manifest_duplicates_blank_prompts_status(tmp_path, capsys):
+    _img(tmp_path / "a.png", 1)
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": ["r1", "r2"], "image": ["../a.png"] * 2, "target_prompt": ["a", "b"]}),
+                   folder / "part-0.parquet")
+    pq.write_table(pa.table({"id": ["r3", "r1"], "image": ["../a.png"] * 2, "target_prompt": ["c", "d"]}),
+                   folder / "part-1.parquet")
+    capsys.readouterr()
+    assert main(["run", str(folder), "--out", str(folder / "out"), *FAST, "--dry-run"]) == 2
+    assert "inside the manifest" in capsys.readouterr().err
+    assert main(["run", str(folder), "--out", str(tmp_path / "out"), *FAST, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "'r1' (rows 0 (row 0 of" in err and "part-0.parquet" in err and "3 (row 1 of" in err
+    assert "part-1.parquet" in err
+
+    # a prompt of only invisible characters is empty: validate and run --dry-run agree (exit 2)
+    m = tmp_path / "m.csv"
+    m.write_text("id,image,target_prompt\nr1,a.png,\u200b \ufeff\nr2,a.png,a cat\n", encoding="utf-8")
+    assert main(["validate", str(m)]) == 2
+    assert "empty target_prompt" in capsys.readouterr().out
+    assert main(["run", str(m), "--out", str(tmp_path / "o2"), *FAST, "--dry-run"]) == 2
+    assert "empty target_prompt" in capsys.readouterr().out
+
+    assert main(["status", str(tmp_path / "missing")]) == 2
+    assert "output not found" in capsys.readouterr().err

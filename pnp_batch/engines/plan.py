@@ -175,6 +175,7 @@ def open_run_manifest(req: RunRequest) -> Manifest | SweptManifest:
 def open_checked(req: RunRequest) -> tuple[Manifest, int]:
     """The manifest (expanded by --sweep), its ids checked (UsageError, exit 2, on a bad one), and its
     row count under --limit (which counts manifest rows: with a sweep, each is a grid of rows)."""
+    resume.check_out_outside(req.manifest, req.out)
     manifest = open_run_manifest(req)
     total = manifest.check_ids()
     if req.row_limit is not None:

@@ -26,7 +26,7 @@ import pyarrow as pa
 from pnp_batch.errors import UsageError
 from pnp_batch.io import storage
 from pnp_batch.io.done_index import DoneIndex
-from pnp_batch.io.work_key import WORK_KEY_COLUMNS, batch_material, keys_of, prefixes
+from pnp_batch.io.work_key import batch_keys, key_columns, prefixes
 
 
 class ConfigChanged(UsageError):
@@ -40,28 +40,6 @@ class ResumeCounts:
     changed: int = 0
     other_config: int = 0  # ok under another config (kept with --keep-done)
     other_configs: dict[str, int] = field(default_factory=dict)
-
-
-def key_columns(manifest: Any) -> list[str]:
-    """The manifest columns planning reads: the id and the work-key columns it has."""
-    return [c for c in ("id", *WORK_KEY_COLUMNS) if c in manifest.columns]
-
-
-def batch_keys(manifest: Any, batch: Any, start: int, config_hash: str) -> tuple[pa.Array, list[str]]:
-    """The ids and work keys of one batch of a manifest or of a swept manifest (io/sweep.GridBatch)."""
-    sweep = getattr(manifest, "sweep", None)
-    if sweep is None:
-        ids = manifest.batch_ids(batch, start)
-        return ids, keys_of(batch_material(batch, ids), config_hash)
-    base = manifest.manifest
-    base_ids = base.batch_ids(batch.base, batch.base_start)
-    material = batch_material(batch.base, base_ids).to_pylist()
-    size = manifest.size
-    n = batch.num_rows
-    rep = [material[k // size] for k in range(n)]
-    slugs = manifest.slugs
-    settings = [slugs[k % size] for k in range(n)]
-    return manifest.batch_ids(batch, start), keys_of(pa.array(rep, pa.large_string()), config_hash, settings)
 
 
 def classify(index: DoneIndex, ids: pa.Array, keys: list[str], keep_done: bool) -> tuple[np.ndarray, dict]:
@@ -145,3 +123,22 @@ def check_passthrough(manifest: Any, out: str) -> None:
             f"pass-through column type differs from {storage.redact(out)}/results: {'; '.join(clashes)}. "
             f"Cast the column in the manifest to the type OUT holds (CSV columns are read as text), or use "
             f"another --out")
+
+
+def _norm(uri: str) -> str:
+    if storage.is_remote(uri):
+        return uri.rstrip("/")
+    import os
+
+    return os.path.abspath(storage.filesystem(uri)[1]).rstrip("/")
+
+
+def check_out_outside(manifest_uri: str, out: str) -> None:
+    """OUT inside a manifest folder or prefix would be read back as manifest files by the next run: exit 2."""
+    if not storage.is_dir(manifest_uri):
+        return
+    base, o = _norm(manifest_uri), _norm(out)
+    if o == base or o.startswith(base + "/"):
+        raise UsageError(
+            f"--out {storage.redact(out)} is inside the manifest's folder or prefix {storage.redact(manifest_uri)}: "
+            f"the next run would read its results as manifest rows; put OUT outside the manifest")

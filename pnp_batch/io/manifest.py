@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -52,6 +53,13 @@ ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _ID_RE = re.compile(ID_PATTERN)
 BATCH_ROWS = 65_536
 _MAX_LISTED = 10
+
+
+def is_blank(text: str) -> bool:
+    """Empty once whitespace and invisible characters (zero-width spaces and joiners, BOM, other format
+    and control characters) are taken out."""
+    return not any(not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Cc", "Zs", "Zl", "Zp")
+                   for ch in text)
 
 
 def derive_id(image_ref: str | None, source_prompt: str, target_prompt: str, overrides: dict[str, Any]) -> str:
@@ -201,7 +209,7 @@ class Manifest(RowStream):
                 problems.insert(0, f"unsafe id {rid!r}: must match {ID_PATTERN}")
         if image is None and image_bytes is None and "image_bytes is text but not base64" not in problems:
             problems.append("no image")
-        if not target_prompt.strip():
+        if is_blank(target_prompt):
             problems.append("empty target_prompt")
         return Row(
             index=index,
@@ -275,8 +283,9 @@ class Manifest(RowStream):
             if len(rows) <= 5:
                 rows.append(index)
         listed = sorted(seen.items(), key=lambda kv: kv[1][0])
+        where = self._row_locator()
         parts = [
-            f"{rid!r} (rows {', '.join(map(str, idx[:5]))}{', ...' if len(idx) > 5 else ''})"
+            f"{rid!r} (rows {', '.join(where(i) for i in idx[:5])}{', ...' if len(idx) > 5 else ''})"
             for rid, idx in listed[:_MAX_LISTED]
         ]
         n = len(dup_values)
@@ -285,6 +294,22 @@ class Manifest(RowStream):
         raise ManifestError(
             f"{self.uri}: {n} duplicate id{'s' if n != 1 else ''}: {'; '.join(parts)}{more}{hint}"
         )
+
+    def _row_locator(self):
+        """index -> "N" for a one-file manifest, "N (row K of FILE)" for a folder of files (rows counted
+        from each file's footer)."""
+        if len(self.files) < 2:
+            return str
+        counts = []
+        for f in self.files:
+            with storage.open_input(f) as fh:
+                counts.append(pq.ParquetFile(fh).metadata.num_rows)
+        starts = np.cumsum([0, *counts])
+
+        def where(i: int) -> str:
+            k = int(np.searchsorted(starts, i, side="right") - 1)
+            return f"{i} (row {i - int(starts[k])} of {storage.redact(self.files[k])})"
+        return where
 
     def fingerprint(self) -> str:
         """A short hash of the manifest's files (names and sizes) and schema."""

@@ -428,6 +428,7 @@ class StatusReport:
     runs: int = 0
     last_run: dict[str, Any] | None = None
     done_in_manifest: int = 0
+    changed: int = 0  # manifest rows whose id was done under another work key (the next run redoes them)
 
     @property
     def remaining(self) -> int | None:
@@ -447,6 +448,9 @@ class StatusReport:
             lines.append(f"pending: unknown{why}")
         else:
             lines.append(f"pending: {self.pending} (never attempted)")
+            if self.changed:
+                lines.append(f"changed: {self.changed} (done under other inputs or settings; the next run redoes "
+                             f"them)")
         lines.append(f"results: {self.result_files} shard(s) under {storage.redact(self.results_location)}")
         lines.append(f"runs: {self.runs}")
         if self.last_run:
@@ -489,11 +493,18 @@ def status_report(out_uri: str) -> StatusReport:
 
                 m = SweptManifest(m, parse_sweeps(sweep_items, PipelineConfig(), yes=True))
             rows = pending = done_here = 0
-            for _, ids in m.iter_id_batches():
-                found, ok = index.lookup(ids)
+            config_hash = runs[-1].get("config_hash") or ""
+            from pnp_batch.io.work_key import batch_keys, key_columns, prefixes
+
+            # done by work key under the latest run's config, as the next run of it counts (docs/resume.md)
+            index = DoneIndex.from_files(files, config_hash) if files else index
+            for start, batch in m.iter_batches(columns=key_columns(m)):
+                ids, keys = batch_keys(m, batch, start, config_hash)
+                match = index.match(ids, prefixes(keys))
                 rows += len(ids)
-                pending += int((~found).sum())
-                done_here += int(ok.sum())
+                pending += int((~match["found"]).sum())
+                done_here += int(match["done"].sum())
+                report.changed += int(match["changed"].sum() + match["other_config"].sum())
             report.manifest_rows, report.pending, report.done_in_manifest = rows, pending, done_here
         except (UsageError, OSError) as e:
             report.manifest_error = f"manifest unreadable: {storage.redact(str(e))}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -104,3 +105,25 @@ def keys_of(material: pa.Array, config_hash: str, settings: Sequence[str] | None
     if settings is None:
         return [digest(head + m) for m in material.to_pylist()]
     return [digest(head + m + _SEP + "setting=" + s) for m, s in zip(material.to_pylist(), settings)]
+
+
+def key_columns(manifest: Any) -> list[str]:
+    """The manifest columns planning reads: the id and the work-key columns it has."""
+    return [c for c in ("id", *WORK_KEY_COLUMNS) if c in manifest.columns]
+
+
+def batch_keys(manifest: Any, batch: Any, start: int, config_hash: str) -> tuple[pa.Array, list[str]]:
+    """The ids and work keys of one batch of a manifest or of a swept manifest (io/sweep.GridBatch)."""
+    sweep = getattr(manifest, "sweep", None)
+    if sweep is None:
+        ids = manifest.batch_ids(batch, start)
+        return ids, keys_of(batch_material(batch, ids), config_hash)
+    base = manifest.manifest
+    base_ids = base.batch_ids(batch.base, batch.base_start)
+    material = batch_material(batch.base, base_ids).to_pylist()
+    size = manifest.size
+    n = batch.num_rows
+    rep = [material[k // size] for k in range(n)]
+    slugs = manifest.slugs
+    settings = [slugs[k % size] for k in range(n)]
+    return manifest.batch_ids(batch, start), keys_of(pa.array(rep, pa.large_string()), config_hash, settings)
