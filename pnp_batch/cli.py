@@ -268,7 +268,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.dry_run:
         from pnp_batch.io.validate import validate_manifest
 
-        checked = validate_manifest(a.manifest)  # the same checks as `pnp-batch validate`, same verdict
+        # the same checks as `pnp-batch validate`, under this run's input policy: the same verdict
+        checked = validate_manifest(a.manifest, max_pixels=cfg.max_pixels, policy=req.input_policy)
         _, _, p = plan(req)
         print(f"manifest: {a.manifest}\nrows: {p.total}\nalready done: {p.done_before}\nto do: {p.todo}"
               f"\nchanged since done: {p.changed}")

@@ -180,3 +180,30 @@ def test_edges_out_inside_manifest_duplicates_blank_prompts_status(tmp_path, cap
 
     assert main(["status", str(tmp_path / "missing")]) == 2
     assert "output not found" in capsys.readouterr().err
+
+
+def test_ray_engine_redoes_a_corrected_row_and_a_new_grid_point(tmp_path):
+    """The Ray engine plans from the same work keys: a corrected row and a grown grid's new point are
+    made, the rest is kept, and every latest record names the bytes of its image."""
+    _img(tmp_path / "a.png", 1)
+    _img(tmp_path / "b.png", 2)
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("id,image,target_prompt\nr1,a.png,a cat\nr2,a.png,a dog\n")
+    b.write_text("id,image,target_prompt\nr1,b.png,a red cat\nr2,a.png,a dog\n")
+    out = tmp_path / "out"
+    ray_run = ["--engine", "ray", "--workers", "1"]
+    assert main(["run", str(a), "--out", str(out), *FAST, "--sweep", "pnp_f_t=0.4,0.8", *ray_run]) == 0
+    assert main(["run", str(b), "--out", str(out), *FAST, "--sweep", "pnp_f_t=0.4,0.6,0.8", *ray_run]) == 0
+    c = _last_counts(out)
+    # r1: both old points changed (new image) + its new point; r2: only its new point
+    assert (c["done_before"], c["changed"], c["ok"]) == (2, 2, 4)
+    recs = _records(out)
+    latest: dict[str, dict] = {}
+    for r in sorted(recs, key=lambda r: r["finished_at"]):
+        latest[r["id"]] = r
+    assert sorted(latest) == [f"{i}.ft{v}" for i in ("r1", "r2") for v in ("0.4", "0.6", "0.8")]
+    assert all(r["status"] == "ok" for r in latest.values())
+    assert latest["r1.ft0.4"]["image_sha256"] == hashlib.sha256((tmp_path / "b.png").read_bytes()).hexdigest()
+    for rid, r in latest.items():
+        got = (out / "images" / f"{rid}.png").read_bytes()
+        assert r["output_sha256"] == hashlib.sha256(got).hexdigest(), rid

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from pnp_batch import __version__
 from pnp_batch.engines.plan import Plan, RunRequest, count_work, open_checked, work_groups
 from pnp_batch.engines.progress import Progress
-from pnp_batch.engines.stop import GraceExpired, StopRequest
+from pnp_batch.engines.stop import SIGNALS, GraceExpired, StopRequest
 from pnp_batch.errors import ClusterLost, StoreRefused, StoreUnavailable, UsageError
 from pnp_batch.io import refusal, retry, storage, write_check
 from pnp_batch.io.lease import Lease, LeaseHeld
@@ -143,6 +143,10 @@ def _run_leased(req: RunRequest, backend: Backend, stop: StopRequest, manifest: 
             backend.start(req)  # loads the model: an unusable one stops here, before anything is written
         except GraceExpired as e:  # a signal came while the model was loading
             log.warning("%s", e)
+        except SystemExit as e:  # ray.init's own SIGTERM handler exits where a signal lands while Ray starts
+            if e.code not in SIGNALS:
+                raise
+            stop.signalled(int(e.code))  # the engine is stopped below, with nothing in flight
         except ClusterLost as e:  # no worker could start (cluster gone, --worker-timeout): the summary says so
             stop.request("cluster_lost", str(e))
             stop.disarm()

@@ -138,14 +138,20 @@ class RayBackend:
         if ray.is_initialized():
             log.info("using the Ray instance already initialised in this process")
         elif req.ray_address:
-            ray.init(address=req.ray_address, log_to_driver=True, ignore_reinit_error=True)
+            try:
+                ray.init(address=req.ray_address, log_to_driver=True, ignore_reinit_error=True)
+            except (ConnectionError, TimeoutError) as e:  # no cluster there (Ray raises ConnectionError)
+                raise ClusterLost(
+                    f"no Ray cluster at --ray-address {req.ray_address}: {str(e).splitlines()[0] if str(e) else e!r} "
+                    f"(start one with `ray start --head`, check the address, or leave out --ray-address to start a "
+                    f"local instance)") from None
             log.info("joined the Ray cluster at %s", req.ray_address)
         else:
             cpus = os.cpu_count() or 1
+            self.owns_ray = True  # set first: a signal during ray.init still shuts down what it started
             # address="local": a new instance, as documented, even where another Ray runs on this machine
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, ignore_reinit_error=True,
                      log_to_driver=True, object_store_memory=256 * 1024 * 1024)
-            self.owns_ray = True
             log.info("started a local Ray instance (%d CPUs)", cpus)
         res = ray.cluster_resources()
         cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
@@ -438,6 +444,6 @@ class RayBackend:
             except Exception as e:  # noqa: BLE001
                 log.debug("stopping %s: %s", slot.name, type(e).__name__)
         self.slots = []
-        if self.owns_ray and ray.is_initialized():
+        if self.owns_ray:  # also after a ray.init cut short by a signal
             ray.shutdown()
             self.owns_ray = False

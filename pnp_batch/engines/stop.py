@@ -98,6 +98,11 @@ class StopRequest:
                 log.debug("re-installing the %s handler", signal.Signals(s).name)
                 signal.signal(s, self._on_signal)
 
+    def signalled(self, signum: int) -> None:
+        """A signal that reached another handler first (``ray.init``'s own SIGTERM handler raises
+        SystemExit while Ray starts): handled as if this handler had received it."""
+        self._on_signal(signum, None)
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.request("signal", f"stopped by {name}", signum,

@@ -82,13 +82,26 @@ def test_a_grid_over_the_limit_needs_yes():
 
 def test_derived_ids_are_safe_unique_and_deterministic():
     pat = re.compile(ID_PATTERN)
-    assert derived_id("row7", 3, 18) == "row7.s03"
-    assert derived_id("row7", 3, 5) == "row7.s3"
+    assert derived_id("row7", "gs5_ft0.4") == "row7.gs5_ft0.4"
     longest = "x" * 128
-    ids = {derived_id(longest, i, 18) for i in range(18)} | {derived_id("x" * 127 + "y", i, 18) for i in range(18)}
+    slugs = parse_sweeps(ISSUE_GRID, CFG).slugs()
+    ids = {derived_id(longest, s) for s in slugs} | {derived_id("x" * 127 + "y", s) for s in slugs}
     assert len(ids) == 36 and all(pat.fullmatch(i) for i in ids)
-    assert derived_id(longest, 17, 18) == derived_id(longest, 17, 18)
-    assert derived_id(longest, 17, 18).endswith(".s17")
+    assert derived_id(longest, slugs[17]) == derived_id(longest, slugs[17])
+    assert derived_id(longest, slugs[17]).endswith(".gs10_attn0.5_ft0.8")
+    long_slug = "alayers" + "-".join(str(i) for i in range(40))  # over 64 characters: hashed
+    assert pat.fullmatch(derived_id("row7", long_slug)) and len(derived_id("row7", long_slug)) == len("row7.h") + 16
+
+
+def test_setting_ids_come_from_values_not_positions():
+    """Growing or shrinking a grid keeps each point's id: the id is made from the point's values, written
+    however the number was (5 = 5.0, 0.40 = 0.4); text values that are not plain words are hashed."""
+    small = parse_sweeps(["pnp_f_t=0.4,0.8"], CFG).slugs()
+    grown = parse_sweeps(["pnp_f_t=0.40,0.6,0.8"], CFG).slugs()
+    assert small == ["ft0.4", "ft0.8"] and grown == ["ft0.4", "ft0.6", "ft0.8"]
+    assert parse_sweeps(["guidance_scale=5.0,7.5"], CFG).slugs() == ["gs5", "gs7.5"]
+    neg = parse_sweeps(["negative_prompt=a blurry photo,ugly"], CFG).slugs()
+    assert neg[1] == "negugly" and re.fullmatch(r"negh[0-9a-f]{8}", neg[0])
 
 
 def test_expanded_rows_carry_source_id_setting_and_overrides(tmp_path, make_png):
@@ -98,7 +111,8 @@ def test_expanded_rows_carry_source_id_setting_and_overrides(tmp_path, make_png)
     m = SweptManifest(open_manifest(uri), sweep)
     assert m.check_ids() == 3 * 18
     rows = list(m.iter_rows())
-    assert [r.id for r in rows[:2]] == ["r1.s00", "r1.s01"] and rows[18].id == "r2.s00"
+    assert [r.id for r in rows[:2]] == ["r1.gs5_attn0.25_ft0.4", "r1.gs5_attn0.25_ft0.6"]
+    assert rows[18].id == "r2.gs5_attn0.25_ft0.4"
     assert [r.index for r in rows] == list(range(54))
     assert [i for i, _ in m.iter_ids()] == list(range(54)) and [rid for _, rid in m.iter_ids()] == [r.id for r in rows]
     r = rows[1]
@@ -110,7 +124,7 @@ def test_expanded_rows_carry_source_id_setting_and_overrides(tmp_path, make_png)
     assert sorted(len(g) for g in groups) == [18, 36]
     assert {r.extra["source_id"] for r in max(groups, key=len)} == {"r1", "r3"}
     # --limit counts expanded rows here (the driver passes manifest rows x grid)
-    assert [r.id for r in m.iter_rows(limit=20)][-1] == "r2.s01"
+    assert [r.id for r in m.iter_rows(limit=20)][-1] == "r2.gs5_attn0.25_ft0.6"
 
 
 def test_rows_that_cannot_share_a_batch_form_groups_of_their_own(tmp_path, make_png):

@@ -70,7 +70,7 @@ def test_a_grid_point_equals_a_plain_run_of_its_row_and_the_grid_costs_one_inver
     assert c.source_elements == 8  # steps with any injection: max(pnp_f_t) * STEPS
     assert c.sample_elements == STEPS * 36 + 8
     by_setting = {r["setting"]: r for r in records}
-    assert records[0]["source_id"] == "row" and records[0]["id"] == "row.s00"
+    assert records[0]["source_id"] == "row" and records[0]["id"] == "row.gs5_attn0.25_ft0.4"
 
     # a plain run of the row with one grid point's values as per-row overrides, alone in its batch
     points = ["guidance_scale=5,pnp_attn_t=0.25,pnp_f_t=0.4", "guidance_scale=7.5,pnp_attn_t=0.5,pnp_f_t=0.6",
