@@ -38,30 +38,33 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+_MANIFEST_SCHEMA = pa.schema(
+    [("id", pa.string()), ("image", pa.string()), ("source_prompt", pa.string()),
+     ("target_prompt", pa.string()), ("seed", pa.int64()), ("group", pa.string())]
+)
+
+
+def _synthetic_rows(idx: range) -> pa.Table:
+    """Rows ``idx`` of the synthetic manifest (the same values for the manifest and its records)."""
+    return pa.table(
+        {
+            "id": [f"row-{i:09d}" for i in idx],
+            "image": [f"images/{i % 50_000:06d}.jpg" for i in idx],
+            "source_prompt": ["a photograph of a horse in a field" for _ in idx],
+            "target_prompt": [f"a watercolor painting of a zebra, variant {i % 97}" for i in idx],
+            "seed": [i % 10 for i in idx],
+            "group": [f"g{i % 13}" for i in idx],
+        },
+        schema=_MANIFEST_SCHEMA,
+    )
+
+
 def write_synthetic_manifest(path: str, rows: int, chunk: int = 100_000) -> int:
     """A Parquet manifest of ``rows`` rows (ids, image paths, prompts, a pass-through column),
     written chunk by chunk so that making it does not itself take much memory. Returns bytes."""
-    schema = pa.schema(
-        [("id", pa.string()), ("image", pa.string()), ("source_prompt", pa.string()),
-         ("target_prompt", pa.string()), ("seed", pa.int64()), ("group", pa.string())]
-    )
-    with pq.ParquetWriter(path, schema) as w:
+    with pq.ParquetWriter(path, _MANIFEST_SCHEMA) as w:
         for start in range(0, rows, chunk):
-            idx = range(start, min(rows, start + chunk))
-            w.write_table(
-                pa.table(
-                    {
-                        "id": [f"row-{i:09d}" for i in idx],
-                        "image": [f"images/{i % 50_000:06d}.jpg" for i in idx],
-                        "source_prompt": ["a photograph of a horse in a field" for _ in idx],
-                        "target_prompt": [f"a watercolor painting of a zebra, variant {i % 97}" for i in idx],
-                        "seed": [i % 10 for i in idx],
-                        "group": [f"g{i % 13}" for i in idx],
-                    },
-                    schema=schema,
-                ),
-                row_group_size=chunk,
-            )
+            w.write_table(_synthetic_rows(range(start, min(rows, start + chunk))), row_group_size=chunk)
     return Path(path).stat().st_size
 
 
@@ -142,10 +145,14 @@ def bench_results(rows: int = 50_000, shard_rows: int = 1000) -> dict[str, Any]:
 SCALE_RUN_ID = "20260101T000000000Z-5ca1e0"
 
 
-def write_synthetic_results(out: str, rows: int, shard_rows: int = 1000, chunk: int = 100_000) -> int:
+def write_synthetic_results(out: str, rows: int, shard_rows: int = 1000, chunk: int = 100_000,
+                            config_hash: str = "0123456789abcdef") -> int:
     """``rows`` ok records under ``out/results`` in shards of ``shard_rows`` (what a run of that size
-    leaves: the driver writes a shard every 1,000 records), with the ids of
-    :func:`write_synthetic_manifest`, built chunk by chunk (streamed). Returns the shard count."""
+    leaves: the driver writes a shard every 1,000 records), with the ids and work keys (under
+    ``config_hash``) of :func:`write_synthetic_manifest`'s rows, built chunk by chunk (streamed), so
+    a run of that manifest under that config finds every row done. Returns the shard count."""
+    from pnp_batch.io.work_key import batch_material, keys_of
+
     folder = Path(out) / "results"
     folder.mkdir(parents=True, exist_ok=True)
     schema = RESULT_SCHEMA.append(pa.field("group", pa.string()))
@@ -154,6 +161,8 @@ def write_synthetic_results(out: str, rows: int, shard_rows: int = 1000, chunk: 
     for start in range(0, rows, chunk):
         idx = range(start, min(rows, start + chunk))
         n = len(idx)
+        made = _synthetic_rows(idx)
+        keys = keys_of(batch_material(made, made.column("id").combine_chunks()), config_hash)
         cols: dict[str, pa.Array] = {f.name: pa.nulls(n, f.type) for f in schema}
         cols.update(
             id=pa.array([f"row-{i:09d}" for i in idx], pa.string()),
@@ -161,7 +170,8 @@ def write_synthetic_results(out: str, rows: int, shard_rows: int = 1000, chunk: 
             output=pa.array([f"{out}/images/row-{i:09d}.png" for i in idx], pa.string()),
             target_prompt=pa.array([f"a watercolor painting of a zebra, variant {i % 97}" for i in idx]),
             seed=pa.array([i % 10 for i in idx], pa.int64()),
-            config_hash=pa.array(["0123456789abcdef"] * n, pa.string()),
+            config_hash=pa.array([config_hash] * n, pa.string()),
+            work_key=pa.array(keys, pa.string()),
             run_id=pa.array([SCALE_RUN_ID] * n, pa.string()),
             finished_at=pa.array([t0 + dt.timedelta(milliseconds=i) for i in idx], pa.timestamp("us", tz="UTC")),
             group=pa.array([f"g{i % 13}" for i in idx], pa.string()),
@@ -221,7 +231,9 @@ def bench_scale(rows: int = 10_000_000, shard_rows: int = 1000, timeout: float =
         manifest, out = str(Path(tmp) / "manifest.parquet"), str(Path(tmp) / "out")
         t0 = time.perf_counter()
         write_synthetic_manifest(manifest, rows)
-        shards = write_synthetic_results(out, rows, shard_rows)
+        from pnp_batch.config import load_config
+
+        shards = write_synthetic_results(out, rows, shard_rows, config_hash=load_config("tiny").hash())
         write_run_summary(out, SCALE_RUN_ID, {"manifest": manifest, "status": "finished"})
         made = time.perf_counter() - t0
         cli = [sys.executable, "-m", "pnp_batch"]

@@ -473,14 +473,17 @@ def status_report(out_uri: str) -> StatusReport:
     report = StatusReport(out_uri=out_uri, results_location=results_dir(out_uri))
     files = result_files(out_uri)
     report.result_files = len(files)
-    index = DoneIndex.from_files(files)
-    report.done, report.failed = index.ok_count, index.failed_count
-    report.failures = [(rid, err or "(no message)") for rid, err in index.failures(_MAX_FAILED_LISTED)]
     runs = read_run_summaries(out_uri)
     report.runs = len(runs)
     if runs:
         report.last_run = runs[-1]
         report.manifest = runs[-1].get("manifest")
+    config_hash = (runs[-1].get("config_hash") or "") if runs else ""
+    # one index, under the latest run's config (its rows are counted by work key below): ten million
+    # records are held once
+    index = DoneIndex.from_files(files, config_hash if report.manifest else None)
+    report.done, report.failed = index.ok_count, index.failed_count
+    report.failures = [(rid, err or "(no message)") for rid, err in index.failures(_MAX_FAILED_LISTED)]
     if report.manifest:
         try:
             from pnp_batch.io.manifest import open_manifest
@@ -493,11 +496,9 @@ def status_report(out_uri: str) -> StatusReport:
 
                 m = SweptManifest(m, parse_sweeps(sweep_items, PipelineConfig(), yes=True))
             rows = pending = done_here = 0
-            config_hash = runs[-1].get("config_hash") or ""
             from pnp_batch.io.work_key import batch_keys, key_columns, prefixes
 
             # done by work key under the latest run's config, as the next run of it counts (docs/resume.md)
-            index = DoneIndex.from_files(files, config_hash) if files else index
             for start, batch in m.iter_batches(columns=key_columns(m)):
                 ids, keys = batch_keys(m, batch, start, config_hash)
                 match = index.match(ids, prefixes(keys))

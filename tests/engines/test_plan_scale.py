@@ -23,6 +23,7 @@ from pnp_batch.io.manifest import Manifest, Row, group_rows, open_manifest
 from pnp_batch.io.results import ResultWriter, load_latest, write_run_summary
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+CONFIG_HASH = load_config("tiny").hash()  # the config the plans below are made under
 
 
 def _set_based_groups(manifest: Manifest, done: dict[str, str], req: RunRequest,
@@ -59,7 +60,7 @@ def _case(tmp_path) -> tuple[str, str]:
     def run(run_id: str, records: list[tuple[str, str, int]]) -> None:
         with ResultWriter(out, run_id, shard_rows=7) as w:
             for rid, status, minute in records:
-                w.add({"id": rid, "status": status, "config_hash": "x",
+                w.add({"id": rid, "status": status, "config_hash": CONFIG_HASH,  # keyless records (schema v1)
                        "finished_at": T0 + dt.timedelta(minutes=minute)})
 
     run("20260101T000000000Z-aaaaaa", [(f"row{i:03d}", "failed" if i % 9 == 0 else "ok", 0) for i in range(50)])
@@ -133,7 +134,7 @@ def _peak(tmp_path, rows: int) -> dict[str, int]:
     folder.mkdir()
     manifest, out = str(folder / "m.parquet"), str(folder / "out")
     write_synthetic_manifest(manifest, rows, chunk=10_000)
-    write_synthetic_results(out, rows, shard_rows=5000, chunk=20_000)
+    write_synthetic_results(out, rows, shard_rows=5000, chunk=20_000, config_hash=load_config("tiny").hash())
     write_run_summary(out, "bench", {"manifest": manifest})
     peaks = {}
     for op in ("dry_run", "status", "validate"):
