@@ -126,6 +126,8 @@ def test_csv_text_columns_and_image_bytes_recorded_as_used(tmp_path):
     assert t.schema.field("zip").type == pa.string()
     got = {r["id"]: (r["zip"], r["country"]) for r in t.to_pylist()}
     assert got == {"NA": ("02134", "NA"), "null": ("00001", "null")}
+    # two rows of one source (its bytes read once, for both): each record names the file
+    assert {r["image"] for r in t.to_pylist()} == {str(tmp_path / "a.png")}
 
     # image and image_bytes in one row: the bytes win, and the record says so
     buf = io.BytesIO()

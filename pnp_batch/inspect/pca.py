@@ -1,8 +1,11 @@
 """Joint PCA: one 3-component fit over the tokens of every image together, so a colour means the same
 thing across images; each image's tokens projected with it.
 
-The fit is an exact SVD of the centred fit sample in float64 (every token, or a stated number drawn with
-a fixed seed when there are more: the projection still covers every token). Component signs are fixed:
+The fit is exact, in float64, on the centred fit sample (every token, or a stated number drawn with a
+fixed seed when there are more: the projection still covers every token): the top eigenvectors of the
+smaller of its two Gram matrices (numpy.linalg.eigh) (dim x dim, or tokens x tokens for attention rows wider than the
+sample), which are the sample's top right singular vectors, as an SVD gives them, at a fraction of
+the cost of a full SVD (only 3 components are kept). Component signs are fixed:
 the entry of largest magnitude of each component is positive. Explained-variance ratios are of the fit
 sample's total variance, descending."""
 
@@ -46,9 +49,9 @@ def fit(x: np.ndarray, max_fit: int = 20_000, seed: int = 0) -> JointPCA:
     sample = np.asarray(x[rows], dtype=np.float64)
     mean = sample.mean(axis=0)
     centred = sample - mean
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    s, vt = _top_singular(centred, COMPONENTS)
     var = s**2
-    total = var.sum()
+    total = float(np.einsum("ij,ij->", centred, centred))  # the sample's total variance (sum of all s**2)
     k = min(COMPONENTS, vt.shape[0])
     comps = np.zeros((COMPONENTS, x.shape[1]))
     comps[:k] = fix_signs(vt[:k])
@@ -56,6 +59,27 @@ def fit(x: np.ndarray, max_fit: int = 20_000, seed: int = 0) -> JointPCA:
     if total > 0:
         ratio[:k] = var[:k] / total
     return JointPCA(mean=mean, components=comps, explained_variance_ratio=ratio, fit_rows=rows, total_rows=n)
+
+
+def _top_singular(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest singular values of ``a`` (descending) and their right singular vectors (rows),
+    from the eigen-decomposition of the smaller Gram matrix (numpy's eigh, ascending eigenvalues)."""
+    n, d = a.shape
+    k = min(k, n, d)
+    if k == 0:
+        return np.zeros(0), np.zeros((0, d))
+    if d <= n:  # dim x dim: eigenvectors are the right singular vectors
+        w, v = np.linalg.eigh(a.T @ a)
+        order = np.argsort(w)[::-1][:k]
+        return np.sqrt(np.clip(w[order], 0, None)), v[:, order].T
+    w, u = np.linalg.eigh(a @ a.T)  # tokens x tokens: v = a^T u / s
+    order = np.argsort(w)[::-1][:k]
+    s = np.sqrt(np.clip(w[order], 0, None))
+    vt = (a.T @ u[:, order]).T
+    nz = s > s.max(initial=0) * 1e-12
+    vt[nz] /= s[nz, None]
+    vt[~nz] = 0
+    return s, vt
 
 
 def to_rgb(projections: list[np.ndarray]) -> list[np.ndarray]:

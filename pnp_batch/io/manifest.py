@@ -214,7 +214,8 @@ class Manifest(RowStream):
         return Row(
             index=index,
             id=rid,
-            image=storage.resolve(self.base_dir, image) if image is not None else None,
+            # image_bytes win over image when a row has both (docs/resume.md): the row names only what is read
+            image=storage.resolve(self.base_dir, image) if image is not None and image_bytes is None else None,
             image_bytes=image_bytes,
             source_prompt=source_prompt,
             target_prompt=target_prompt,

@@ -25,8 +25,8 @@ def row_record(row: Row, cfg: PipelineConfig, status: str, model: str, worker: s
         "error": None,
         "warning": None,
         "output": None,
-        # image_bytes win over image when a row has both: the record names what was translated (no URI credentials)
-        "image": redact(row.image) if row.image_bytes is None and row.image is not None else "<image_bytes>",
+        # the source translated: a row with image_bytes has no image (io/manifest.py); no URI credentials
+        "image": redact(row.image) if row.image is not None else "<image_bytes>",
         "source_prompt": row.source_prompt,
         "target_prompt": row.target_prompt,
         "negative_prompt": None,
