@@ -129,16 +129,15 @@ class DoneIndex:
         if n > 1:
             last[:-1] = pc.not_equal(ids.slice(0, n - 1), ids.slice(1)).to_numpy(zero_copy_only=False)
         unique = bool(last.all())  # the usual case: one record per id, nothing to drop
-        keep = order if unique else order[last]
-        ok = np.concatenate(scan.ok)[keep]
-        other = np.concatenate(scan.other)[keep]
-        wk = np.concatenate(scan.wk)[keep]
+        keep = (order if unique else order[last]).view(np.int64)  # positions < 2**63: the same bits
+        wk = _gather(scan.wk, keep)  # the widest first, while the least else is held
+        finished = finished[keep]
+        ok, other = _gather(scan.ok, keep), _gather(scan.other, keep)
         if not unique:
             ids = ids.filter(pa.array(last))
         del order, last
         pa.default_memory_pool().release_unused()
-        return cls(ids, ok, keep.astype(np.int64), finished[keep], other, list(files),
-                   np.asarray(scan.starts, dtype=np.int64), wk)
+        return cls(ids, ok, keep, finished, other, list(files), np.asarray(scan.starts, dtype=np.int64), wk)
 
     # ---- looking up -------------------------------------------------------------------------
 
@@ -268,6 +267,14 @@ def _read_columns(uri: str, with_config: bool) -> pa.Table:
         if name not in names:
             table = table.append_column(name, pa.nulls(table.num_rows, typ))
     return table
+
+
+def _gather(chunks: list[np.ndarray], keep: np.ndarray) -> np.ndarray:
+    """One column of the scan at the kept positions; its chunks are let go as soon as they are joined,
+    so no column is held three times over (the peak of building the index)."""
+    joined = np.concatenate(chunks)
+    chunks.clear()
+    return joined[keep]
 
 
 def _key_prefixes(col: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -131,7 +131,9 @@ class Manifest(RowStream):
 
     def _parquet_batches(self, uri: str, cols: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
         with storage.open_input(uri) as fh:
-            yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=cols)
+            # pre_buffer off: pyarrow would otherwise read the chosen columns of every row group at the
+            # start, the whole manifest in memory; this way one row group is held at a time
+            yield from pq.ParquetFile(fh, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=cols)
 
     def _csv_batches(self, uri: str, cols: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
         with storage.open_input(uri) as fh:

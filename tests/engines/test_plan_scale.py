@@ -110,17 +110,18 @@ import json, sys, tracemalloc
 import pyarrow as pa
 from pnp_batch.io import manifest as manifest_module
 manifest_module.BATCH_ROWS = 4096  # both sizes measured span many batches: the growth is the rows'
+from pnp_batch.config import load_config
+from pnp_batch.engines.plan import RunRequest, plan
+from pnp_batch.io.results import status_report
+from pnp_batch.io.validate import validate_manifest
 op, manifest, out = sys.argv[1:]
-tracemalloc.start()
+cfg = load_config("tiny")
+tracemalloc.start()  # after the imports: what the rows cost, not what loading the modules does
 if op == "dry_run":
-    from pnp_batch.config import load_config
-    from pnp_batch.engines.plan import RunRequest, plan
-    plan(RunRequest(manifest=manifest, out=out, cfg=load_config("tiny")))
+    plan(RunRequest(manifest=manifest, out=out, cfg=cfg))
 elif op == "status":
-    from pnp_batch.io.results import status_report
     assert status_report(out).pending == 0
 else:
-    from pnp_batch.io.validate import validate_manifest
     assert validate_manifest(manifest).ok
 print(json.dumps({"arrow": pa.default_memory_pool().max_memory(), "python": tracemalloc.get_traced_memory()[1]}))
 """
