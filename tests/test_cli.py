@@ -47,7 +47,7 @@ def _summary(out):
     return json.loads(runs[-1].read_text())
 
 
-def test_run_writes_contract_outputs_and_resumes(tmp_path, caplog):
+def test_run_writes_contract_outputs_and_resumes(tmp_path, capsys):
     m = _manifest(tmp_path, _rows(_sources(tmp_path)))
     out = tmp_path / "out"
     assert main(["run", m, "--out", str(out), *FAST]) == 0
@@ -72,13 +72,17 @@ def test_run_writes_contract_outputs_and_resumes(tmp_path, caplog):
 
     # re-running does no work and writes no duplicate
     assert main(["run", m, "--out", str(out), *FAST]) == 0
-    # ...and a run with another config says the rows were done with a different one
-    with caplog.at_level("WARNING", logger="pnp_batch"):
-        assert main(["run", m, "--out", str(out), *FAST, "--set", "guidance_scale=5", "--dry-run"]) == 0
-    assert "6 rows" in caplog.text and "another pipeline config" in caplog.text
-    s2 = _summary(out)
-    assert s2["counts"] == {"manifest_rows": 6, "done_before": 6, "attempted": 0, "ok": 0, "failed": 0,
-                            "companions": 0, "left_pending": 0}
+    # ...a run with another config refuses, saying the rows were done with a different one (exit 2)...
+    assert main(["run", m, "--out", str(out), *FAST, "--set", "guidance_scale=5", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "6 row(s)" in err and "another pipeline config" in err and "--keep-done" in err
+    # ...and with --keep-done counts them done and plans nothing
+    assert main(["run", m, "--out", str(out), *FAST, "--set", "guidance_scale=5", "--dry-run", "--keep-done"]) == 0
+    printed = capsys.readouterr().out
+    assert "already done: 6" in printed and "to do: 0" in printed
+    s2 = _summary(out)  # the re-run's summary (a dry run writes none)
+    assert s2["counts"] == {"manifest_rows": 6, "done_before": 6, "changed": 0, "kept_other_config": 0,
+                            "attempted": 0, "ok": 0, "failed": 0, "companions": 0, "left_pending": 0}
     assert pads.dataset(str(out / "results"), format="parquet").to_table().num_rows == 6
 
     # --overwrite redoes them with the same bytes, reusing the stored features (no inversion)

@@ -140,6 +140,8 @@ def test_status_shows_the_lease_and_takes_none(tmp_path, capsys):
     from pnp_batch.io.lease import Lease
 
     out = str(tmp_path / "out")
+    assert main(["status", out]) == 2  # nothing written there yet: a mistyped OUT, said so
+    (tmp_path / "out").mkdir()
     assert main(["status", out]) == 0
     assert "lease: free" in capsys.readouterr().out
     lease = Lease(out, "run-held", ttl=60)

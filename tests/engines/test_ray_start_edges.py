@@ -27,12 +27,16 @@ def test_no_cluster_at_auto_exits_3_with_a_message(tmp_path: Path) -> None:
     folder.mkdir()
     m = write_manifest(folder, sources=1, per_source=2)
     out = tmp_path / "out"
-    # an empty Ray temp folder: `auto` finds no running instance on this machine
+    # an empty Ray temp folder: `auto` finds no address file. `auto` also joins any gcs_server process it
+    # sees on the machine, and this session's own Ray instance (test_ray_engine's fixture) may be running:
+    # the run is started with that process scan answering "none", as on a machine without Ray.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=str(tmp_path / "ray-tmp"), OMP_NUM_THREADS="1")
     (tmp_path / "ray-tmp").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "pnp_batch", "run", str(m), "--out", str(out), *FAST,
-                           "--engine", "ray", "--ray-address", "auto"],
+    args = [str(m), "--out", str(out), *FAST, "--engine", "ray", "--ray-address", "auto"]
+    code = ("import sys, ray._private.services as s; none = lambda: []; none.cache_clear = lambda: None; "
+            "s.find_gcs_addresses = none; from pnp_batch.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "run", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "no Ray cluster at --ray-address auto" in proc.stderr

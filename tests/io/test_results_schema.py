@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from pnp_batch.cli import main
+from pnp_batch.config import load_config
 from pnp_batch.io import results
 from pnp_batch.io.results import (
     RESULT_SCHEMA,
@@ -70,7 +71,7 @@ def test_every_shard_carries_the_explicit_versioned_schema(tmp_path) -> None:
         for f in RESULT_SCHEMA:
             assert s.field(f.name).type == f.type, f.name
         assert not any(pa.types.is_null(f.type) for f in s), s
-        assert schema_version(s) == RESULTS_SCHEMA_VERSION == 1
+        assert schema_version(s) == RESULTS_SCHEMA_VERSION == 2  # v2: work_key, image_sha256, output_sha256
     first, second = schemas
     # pass-through columns typed from the manifest, all-null ones included
     assert first.field("score").type == pa.float64() and first.field("n").type == pa.int64()
@@ -122,7 +123,7 @@ def _legacy_shard(out, ids: list[str]) -> None:
     table = pa.table({
         "id": ids, "status": ["ok"] * n, "error": pa.array([None] * n, pa.string()),
         "output": [f"{out}/images/{i}.png" for i in ids], "seed": pa.array([0] * n, pa.int64()),
-        "config_hash": ["old"] * n, "run_id": ["20260101T000000000Z-000000"] * n,
+        "config_hash": [load_config("tiny", FAST[3:8:2]).hash()] * n,  # the run's: made under its settings "run_id": ["20260101T000000000Z-000000"] * n,
         "finished_at": pa.array([t0] * n, pa.timestamp("us", tz="UTC")),
         "warning": pa.nulls(n), "guidance_scale": [7.5] * n, "style": pa.nulls(n),
     })
