@@ -25,6 +25,7 @@ from pnp_batch.inspect.figures import grid, view_image
 from pnp_batch.io import storage
 from pnp_batch.io.images import decode_image, resize_source
 from pnp_batch.io.inputs import open_row_input
+from pnp_batch.io.output_paths import located
 from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.results import latest_results, read_run_summaries, result_files
 
@@ -100,8 +101,12 @@ def _items_from_out(req: FeaturesRequest, policy: InputPolicy) -> list[_Item]:
         if not r["image"] or r["image"] == "<image_bytes>":
             raise UsageError(f"row {rid}'s source was given as image_bytes and is not in OUT; use the manifest")
         items.append(_Item(f"{rid} (source)", open_row_input(r["image"], policy), r["source_prompt"] or ""))
-        if r["status"] == "ok" and r["output"]:
-            items.append(_Item(f"{rid} (output)", storage.read_bytes(r["output"]), r["source_prompt"] or ""))
+        output = located(req.source, r["output"]) if r["status"] == "ok" else None
+        if output:
+            try:
+                items.append(_Item(f"{rid} (output)", storage.read_bytes(output), r["source_prompt"] or ""))
+            except FileNotFoundError:
+                log.warning("row %s's output %s is gone: only its source is shown", rid, storage.redact(output))
     return items
 
 
@@ -223,8 +228,12 @@ def run_features(req: FeaturesRequest) -> list[str]:
 
 
 def _reduce_timestep(req, items, layers, t, per_image, heads, views, table, keep_layers: bool, keep_layer: int) -> None:
-    """The joint PCA of every kind and layer at timestep ``t``; views kept for the figures."""
+    """The joint PCA of every kind and layer at timestep ``t``; views kept for the figures. Without
+    ``--save`` only what a figure shows is reduced: every layer at the figures' timestep, the figures'
+    layer at the others (the rest would be computed and thrown away)."""
     for n in layers:
+        if not (req.save or keep_layers or n == keep_layer):
+            continue
         for kind in ("features", "queries", "keys", "attention"):
             if kind == "attention":
                 if n not in heads:

@@ -14,6 +14,7 @@ from pnp_batch.io import storage
 from pnp_batch.io.images import decode_image
 from pnp_batch.io.inputs import open_row_input
 from pnp_batch.io.metrics import ok_scores
+from pnp_batch.io.output_paths import located
 from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.results import latest_results, read_run_summaries
 from pnp_batch.report.sheet import SheetEntry, build_contact_sheet, build_html
@@ -94,7 +95,7 @@ def write_report(out: str, cfg: PipelineConfig, run_id: str, records: list[dict[
             note = score_line(scores.get(r["id"])) if r["status"] == "ok" else None
             notes.append(note)
             if r["status"] == "ok":
-                results.append((_output_thumb(r["output"]), label))
+                results.append((_output_thumb(located(out, r["output"])), label))
                 html_results.append((f"../images/{storage.basename(r['output'])}", label,
                                      "ok" + (f" · {note}" if note else "")))
             else:
@@ -167,7 +168,7 @@ def write_sweep_sheet(out: str, max_pixels: int = 64_000_000, policy: InputPolic
             if note:
                 label += f" | {note}"
             if r["status"] == "ok":
-                results.append((_output_thumb(r["output"]), label))
+                results.append((_output_thumb(located(out, r["output"])), label))
             else:
                 results.append((None, f"{label} [{r.get('error')}]"))
         entries.append(SheetEntry(source=source, source_label=f"{source_id}: {first.get('target_prompt')}",

@@ -1,18 +1,9 @@
-"""A translated image's name and pixels: where it is written, and the VAE's output as 8-bit RGB."""
+"""A translated image's pixels: the VAE's output as 8-bit RGB (where it is written: io/output_paths.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-from pnp_batch.io import storage
-
-EXTENSIONS = {"png": "png", "jpg": "jpg", "webp": "webp"}
-
-
-
-def output_uri(out: str, row_id: str, fmt: str) -> str:
-    return storage.join(out, "images", f"{row_id}.{EXTENSIONS[fmt]}")
 
 
 def to_uint8(images: torch.Tensor, quantize: str) -> np.ndarray:

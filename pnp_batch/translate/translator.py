@@ -22,6 +22,7 @@ from pnp_batch.io import storage
 from pnp_batch.io.features import FeatureStore
 from pnp_batch.io.images import encode_image
 from pnp_batch.io.inputs import open_row_input
+from pnp_batch.io.output_paths import output_uri
 from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.records import SCORES_FIELD, resolve, row_record
 from pnp_batch.io.rows import Row
@@ -32,7 +33,7 @@ from pnp_batch.pnp.graphs import GraphedUNet, base_unet
 from pnp_batch.pnp.injection import PnPInjector
 from pnp_batch.pnp.layers import InjectionPoints, injection_points
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
-from pnp_batch.translate.outputs import output_uri, to_uint8
+from pnp_batch.translate.outputs import to_uint8
 from pnp_batch.translate.sizing import auto_batch_size
 from pnp_batch.translate.sources import SourceFeatures
 from pnp_batch.translate.text import prompt_encoder

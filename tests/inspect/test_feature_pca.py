@@ -149,3 +149,28 @@ def test_unknown_layers_and_ids_are_usage_errors(tmp_path, capsys):
     assert main(["features", str(DEMO), "--ids", "coffee-tea", "--out", str(tmp_path), "--pipeline", "tiny", *SMALL,
                  "--layers", "12"]) == 2
     assert "not in this UNet" in capsys.readouterr().err
+
+
+def test_a_run_with_a_relative_out_is_read_from_anywhere(tmp_path, monkeypatch, capsys):
+    """`run --out out` records its outputs relative to the directory it ran in; `features`, `eval` and the
+    report read them from another directory through OUT (io/output_paths.located)."""
+    import pyarrow.dataset as ds
+
+    from pnp_batch.io.metrics import ok_scores
+
+    (tmp_path / "job").mkdir()
+    monkeypatch.chdir(tmp_path / "job")
+    assert main(["run", str(DEMO), "--out", "out", "--pipeline", "tiny", *SMALL, "--limit", "1", "--no-report"]) == 0
+    recorded = ds.dataset("out/results", format="parquet").to_table().column("output").to_pylist()
+    assert recorded == ["out/images/chelsea-fox.png"]  # relative, as the run was told
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = str(tmp_path / "job" / "out")
+    capsys.readouterr()
+    assert main(["features", out, "--ids", "chelsea-fox", "--out", "fv", "--layers", "4", "--timesteps", "501",
+                 "--save"]) == 0
+    images = pq.read_table("fv/pca.parquet").column("images").to_pylist()
+    assert images[0] == ["chelsea-fox (source)", "chelsea-fox (output)"]  # the output was found
+    assert main(["eval", out]) == 0
+    scores = ok_scores(out).to_pylist()  # scored: the output was read (else an eval failure, exit 1)
+    assert [r["id"] for r in scores] == ["chelsea-fox"] and scores[0]["clip_score"] is not None

@@ -1,0 +1,24 @@
+"""Where a row's translated image is written (OUT/images/{id}.{ext}) and where a record's output is found
+again when OUT is read later, from another directory (features, eval, the report). No torch here."""
+
+from __future__ import annotations
+
+import os
+
+from pnp_batch.io import storage
+
+EXTENSIONS = {"png": "png", "jpg": "jpg", "webp": "webp"}
+
+
+def output_uri(out: str, row_id: str, fmt: str) -> str:
+    return storage.join(out, "images", f"{row_id}.{EXTENSIONS[fmt]}")
+
+
+def located(out: str, recorded: str | None) -> str | None:
+    """Where a record's output image is now. A run given a relative ``--out`` records relative paths,
+    relative to the directory it ran in; read later from anywhere else (``features``, ``eval``,
+    ``report`` on OUT), such a path is taken as OUT/images/<its name>. URIs and absolute paths are
+    kept as recorded."""
+    if not recorded or storage.is_remote(recorded) or os.path.isabs(os.path.expanduser(recorded)):
+        return recorded
+    return storage.join(out, "images", storage.basename(recorded))
