@@ -352,7 +352,7 @@ def cmd_features(a: argparse.Namespace) -> int:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from pnp_batch.io.results import status_report
+    from pnp_batch.io.status import status_report
 
     _storage(a.storage_option)
     from pnp_batch.io.metrics import format_score_stats, score_stats

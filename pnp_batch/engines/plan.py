@@ -20,6 +20,7 @@ from pnp_batch.io.manifest import Manifest, Row, group_rows, open_manifest
 from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.results import done_index
 from pnp_batch.io.sweep import Sweep, SweptManifest
+from pnp_batch.io.work_key import batch_keys, classify, count_keys
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,8 @@ def work_groups(manifest: Manifest, done: DoneIndex | Mapping[str, str], req: Ru
     config_hash = req.cfg.hash()
     for start, batch in manifest.iter_batches(limit=req.row_limit):
         n = batch.num_rows
-        ids, keys = resume.batch_keys(manifest, batch, start, config_hash)
-        ok = np.zeros(n, dtype=bool) if req.overwrite else resume.classify(index, ids, keys, req.keep_done)[0]
+        ids, keys = batch_keys(manifest, batch, start, config_hash)
+        ok = np.zeros(n, dtype=bool) if req.overwrite else classify(index, ids, keys, req.keep_done)[0]
         i = 0
         while i < n:
             end = min(n, ((start + i) // size + 1) * size - start)  # this window's end within the batch
@@ -195,7 +196,7 @@ def count_work(req: RunRequest, manifest: Manifest, total: int) -> tuple[DoneInd
         return DoneIndex.empty(), Plan(total=total, done_before=0, todo=total)
     config_hash = req.cfg.hash()
     done = done_index(req.out, config_hash)
-    c = resume.count(manifest, done, config_hash, req.row_limit, req.keep_done)
+    c = count_keys(manifest, done, config_hash, req.row_limit, req.keep_done)
     if c.other_config and not req.keep_done:
         raise resume.ConfigChanged(resume.config_change_message(
             req.out, config_hash, c.other_config, resume.other_config_hashes(req.out, config_hash)))

@@ -17,49 +17,16 @@ Keys are computed a manifest batch at a time (io/work_key.batch_material); docs/
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from pnp_batch.errors import UsageError
 from pnp_batch.io import storage
-from pnp_batch.io.done_index import DoneIndex
-from pnp_batch.io.work_key import batch_keys, key_columns, prefixes
 
 
 class ConfigChanged(UsageError):
     """OUT holds rows done under another config and neither --overwrite nor --keep-done was given (exit 2)."""
-
-
-@dataclass
-class ResumeCounts:
-    total: int = 0
-    done: int = 0
-    changed: int = 0
-    other_config: int = 0  # ok under another config (kept with --keep-done)
-    other_configs: dict[str, int] = field(default_factory=dict)
-
-
-def classify(index: DoneIndex, ids: pa.Array, keys: list[str], keep_done: bool) -> tuple[np.ndarray, dict]:
-    """(done mask, the match arrays) for one batch: with ``keep_done`` rows ok under another config count as done."""
-    m = index.match(ids, prefixes(keys))
-    done = m["done"] | m["other_config"] if keep_done else m["done"]
-    return done, m
-
-
-def count(manifest: Any, index: DoneIndex, config_hash: str, limit: int | None, keep_done: bool) -> ResumeCounts:
-    """Stream the manifest's batches against the done-index: how many rows are done, changed, other config."""
-    c = ResumeCounts()
-    for start, batch in manifest.iter_batches(limit=limit, columns=key_columns(manifest)):
-        ids, keys = batch_keys(manifest, batch, start, config_hash)
-        done, m = classify(index, ids, keys, keep_done)
-        c.total += len(ids)
-        c.done += int(done.sum())
-        c.changed += int(m["changed"].sum())
-        c.other_config += int(m["other_config"].sum())
-    return c
 
 
 def config_change_message(out: str, config_hash: str, n: int, others: list[str]) -> str:

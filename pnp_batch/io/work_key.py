@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -127,3 +128,38 @@ def batch_keys(manifest: Any, batch: Any, start: int, config_hash: str) -> tuple
     slugs = manifest.slugs
     settings = [slugs[k % size] for k in range(n)]
     return manifest.batch_ids(batch, start), keys_of(pa.array(rep, pa.large_string()), config_hash, settings)
+
+
+def classify(index: Any, ids: pa.Array, keys: list[str], keep_done: bool) -> tuple[np.ndarray, dict]:
+    """(done mask, the match arrays of io/done_index.DoneIndex.match) for one batch: with ``keep_done``
+    rows ok under another config count as done."""
+    m = index.match(ids, prefixes(keys))
+    done = m["done"] | m["other_config"] if keep_done else m["done"]
+    return done, m
+
+
+@dataclass
+class KeyCounts:
+    """A manifest's rows against a done-index, by work key (docs/resume.md)."""
+
+    total: int = 0
+    found: int = 0  # rows whose id has a record
+    done: int = 0
+    changed: int = 0  # latest record under this config but another key
+    other_config: int = 0  # latest record ok under another config
+
+
+def count_keys(manifest: Any, index: Any, config_hash: str, limit: int | None = None,
+               keep_done: bool = False) -> KeyCounts:
+    """Stream the manifest's batches against the done-index: the one count that planning (engines/plan)
+    and ``status`` (io/status) both make."""
+    c = KeyCounts()
+    for start, batch in manifest.iter_batches(limit=limit, columns=key_columns(manifest)):
+        ids, keys = batch_keys(manifest, batch, start, config_hash)
+        done, m = classify(index, ids, keys, keep_done)
+        c.total += len(ids)
+        c.found += int(m["found"].sum())
+        c.done += int(done.sum())
+        c.changed += int(m["changed"].sum())
+        c.other_config += int(m["other_config"].sum())
+    return c

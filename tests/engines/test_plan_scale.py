@@ -112,7 +112,7 @@ from pnp_batch.io import manifest as manifest_module
 manifest_module.BATCH_ROWS = 4096  # both sizes measured span many batches: the growth is the rows'
 from pnp_batch.config import load_config
 from pnp_batch.engines.plan import RunRequest, plan
-from pnp_batch.io.results import status_report
+from pnp_batch.io.status import status_report
 from pnp_batch.io.validate import validate_manifest
 op, manifest, out = sys.argv[1:]
 cfg = load_config("tiny")

@@ -20,9 +20,9 @@ from pnp_batch.io.results import (
     make_run_id,
     read_results,
     read_run_summaries,
-    status_report,
     write_run_summary,
 )
+from pnp_batch.io.status import status_report
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 

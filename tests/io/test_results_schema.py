@@ -21,8 +21,8 @@ from pnp_batch.io.results import (
     RESULTS_SCHEMA_VERSION,
     ResultWriter,
     schema_version,
-    status_report,
 )
+from pnp_batch.io.status import status_report
 
 FAST = ["--pipeline", "tiny", "--set", "steps=4", "--set", "inversion_steps=4", "--set", "resolution=64",
         "--no-report"]
