@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--arch", choices=("sd", "sdxl"), default="sd",
                    help="sd: the `tiny` model (SD's topology); sdxl: `tiny-sdxl` (SDXL base's topology)")
+    m.add_argument("--ip-adapter", action="store_true",
+                   help="also write a random-weight IP-Adapter and image encoder for it in DIR/ip_adapter")
 
     b = sub.add_parser("bench", help="side-by-side cost benchmark (see README)")
     b.add_argument("--arch", default="tiny", help="tiny, sd21-base (random weights, full size), sd15 or sdxl")
@@ -401,11 +403,16 @@ def cmd_make_test_model(a: argparse.Namespace) -> int:
 
         path = make_tiny_sdxl(a.dir, seed=a.seed)
         print(f"wrote the tiny SDXL test model to {path} (use --set model={path} or --pipeline tiny-sdxl)")
-        return 0
-    from pnp_batch.models.tiny import make_test_model
+    else:
+        from pnp_batch.models.tiny import make_test_model
 
-    path = make_test_model(a.dir, seed=a.seed)
-    print(f"wrote the tiny test model to {path} (use --set model={path} or --pipeline tiny)")
+        path = make_test_model(a.dir, seed=a.seed)
+        print(f"wrote the tiny test model to {path} (use --set model={path} or --pipeline tiny)")
+    if a.ip_adapter:
+        from pnp_batch.models.ip_adapter import write_test_ip_adapter
+
+        ip = write_test_ip_adapter(path, seed=a.seed)
+        print(f"wrote its test IP-Adapter to {ip} (use --set ip_adapter={ip})")
     return 0
 
 

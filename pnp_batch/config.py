@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from pnp_batch.errors import UsageError
+from pnp_batch.ip_keys import IP_KEYS, IP_LITERAL_KEYS, IP_SCALE, check_ip_keys, ip_hash_part, parse_ip_scale
 from pnp_batch.resources import PRESET_DIR
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -26,13 +27,14 @@ QUANTIZE = ("round", "floor")
 # Keys that change the stored inversion (the feature key hashes exactly these).
 INVERSION_KEYS = ("resolution", "resize_mode", "inversion_steps", "inversion_prompt", "steps")
 # Keys a manifest row may override for that row alone.
-ROW_OVERRIDES = ("negative_prompt", "seed", "guidance_scale", "pnp_f_t", "pnp_attn_t")
+ROW_OVERRIDES = ("negative_prompt", "seed", "guidance_scale", "pnp_f_t", "pnp_attn_t", IP_SCALE)
 # Keys of the metric models (pnp-batch eval, run --eval): not in the config hash.
 EVAL_KEYS = ("eval_clip_model", "eval_clip_revision", "eval_dino_model", "eval_dino_revision")
 # Keys of the input policy (io/policy.py): not in the config hash.
 POLICY_KEYS = ("allow_uri", "allow_private_network")
 # Keys whose --set values are taken as written (not parsed as YAML).
-_LITERAL_KEYS = ("model", "model_config", "revision", "inversion_prompt", "negative_prompt", "name", *EVAL_KEYS)
+_LITERAL_KEYS = ("model", "model_config", "revision", "inversion_prompt", "negative_prompt", "name", *EVAL_KEYS,
+                 *IP_LITERAL_KEYS)
 # Injection layers (PNP_SPEC.md §4): None = the architecture's table; a tuple of module paths otherwise.
 LAYER_KEYS = ("pnp_feature_blocks", "pnp_attn_layers")
 # Keys a sweep may set per row although rows differing in them cannot share a UNet batch: such rows
@@ -81,6 +83,12 @@ class PipelineConfig:
     cudnn_benchmark: bool = False
     model_config: str = "auto"
     lora: tuple[str, ...] = ()
+    # IP-Adapter (ip_keys.py, docs/ip_adapter.md): "" = none
+    ip_adapter: str = ""
+    ip_adapter_weight_name: str = ""
+    ip_adapter_subfolder: str = ""
+    ip_adapter_image_encoder: str = "image_encoder"
+    ip_adapter_scale: Any = 1.0
     # Metric models of `pnp-batch eval` and `run --eval` (hub id, local folder, or tiny-clip/tiny-dino);
     # they score images, they do not change them, so they stay out of the config hash.
     eval_clip_model: str = "openai/clip-vit-large-patch14"
@@ -119,6 +127,10 @@ class PipelineConfig:
         for k in LAYER_KEYS:  # part of the hash only when set: outputs made before these keys keep theirs
             if d.get(k) is None:
                 d.pop(k, None)
+        ip = ip_hash_part(d)  # likewise the IP-Adapter keys: only with an adapter
+        for k in IP_KEYS:
+            d.pop(k, None)
+        d.update(ip)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -245,7 +257,7 @@ def validate(cfg: PipelineConfig) -> None:
         source, scale = parse_lora(spec)
         if not source or not -10.0 <= scale <= 10.0:
             raise ConfigError(f"lora entry {spec!r} must be PATH_OR_ID[:SCALE] with a scale from -10 to 10")
-    err = _steps_error(cfg)
+    err = _steps_error(cfg) or check_ip_keys(cfg.to_dict())
     if err:
         raise ConfigError(err)
 
@@ -351,6 +363,13 @@ def _coerce(key: str, value: Any) -> Any:
         return _coerce_lora(value)
     if key == "allow_uri":
         return _coerce_list(key, value, "URI prefixes, e.g. [s3://bucket/, /data/images/]")
+    if key == IP_SCALE:
+        try:
+            return parse_ip_scale(value)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if value is None and key in IP_LITERAL_KEYS:
+        value = ""
     if value is None and key in ("inversion_prompt", "negative_prompt", "eval_clip_revision", "eval_dino_revision"):
         value = ""
     try:

@@ -32,6 +32,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pnp_batch.io import storage
+from pnp_batch.io.image_prompts import ip_fields, ip_id_part, ip_scale_override
 from pnp_batch.io.manifest_schema import (
     FLOAT_COLUMNS,
     KNOWN_COLUMNS,
@@ -62,11 +63,14 @@ def is_blank(text: str) -> bool:
                    for ch in text)
 
 
-def derive_id(image_ref: str | None, source_prompt: str, target_prompt: str, overrides: dict[str, Any]) -> str:
+def derive_id(image_ref: str | None, source_prompt: str, target_prompt: str, overrides: dict[str, Any],
+              image_prompt: list[Any] | None = None) -> str:
     """A deterministic id: 'r' + 16 hex chars of sha256 over the image reference (the manifest's
-    ``image`` value as written, or the sha256 of ``image_bytes``), both prompts and the overrides."""
+    ``image`` value as written, or the sha256 of ``image_bytes``), both prompts and the overrides (and
+    the image prompt, io/image_prompts.ip_id_part, for rows that have one)."""
+    parts = [image_ref, source_prompt, target_prompt, [overrides.get(k) for k in OVERRIDE_COLUMNS]]
     blob = json.dumps(
-        [image_ref, source_prompt, target_prompt, [overrides.get(k) for k in OVERRIDE_COLUMNS]],
+        parts + [image_prompt] if image_prompt is not None else parts,
         ensure_ascii=False,
         separators=(",", ":"),
     )
@@ -201,10 +205,14 @@ class Manifest(RowStream):
         target_prompt = rec.get("target_prompt") or ""
         overrides, override_problems = _overrides(rec)
         problems.extend(override_problems)
+        ip_scale, ip_problems = ip_scale_override(rec)
+        ip_image, ip_image_bytes, ip_read_problems = ip_fields(rec, self.base_dir)
+        overrides.update(ip_scale)
+        problems.extend(ip_problems + ip_read_problems)
         rid = rec.get("id")
         if rid is None or rid == "":
             ref = image if image_bytes is None else hashlib.sha256(image_bytes).hexdigest()
-            rid = derive_id(ref, source_prompt, target_prompt, overrides)
+            rid = derive_id(ref, source_prompt, target_prompt, overrides, ip_id_part(rec, overrides))
         else:
             rid = str(rid)
             if not _ID_RE.fullmatch(rid):
@@ -224,6 +232,8 @@ class Manifest(RowStream):
             overrides=overrides,
             extra={c: rec.get(c) for c in extra_cols},
             error="; ".join(problems) if problems else None,
+            ip_image=ip_image,
+            ip_image_bytes=ip_image_bytes,
         )
 
     def iter_id_batches(self, limit: int | None = None) -> Iterator[tuple[int, pa.Array]]:

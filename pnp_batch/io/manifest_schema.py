@@ -17,7 +17,10 @@ from pnp_batch.io import storage
 OVERRIDE_COLUMNS = ("negative_prompt", "seed", "guidance_scale", "pnp_f_t", "pnp_attn_t")
 STRING_COLUMNS = ("id", "image", "source_prompt", "target_prompt", "negative_prompt")
 FLOAT_COLUMNS = ("guidance_scale", "pnp_f_t", "pnp_attn_t")
-KNOWN_COLUMNS = ("id", "image", "image_bytes", "source_prompt", "target_prompt", *OVERRIDE_COLUMNS)
+# Image prompts of an IP-Adapter run (docs/ip_adapter.md): a URI or the bytes, and a per-row scale (a
+# number, or diffusers' per-block form as JSON text).
+IP_COLUMNS = ("ip_image", "ip_image_bytes", "ip_adapter_scale")
+KNOWN_COLUMNS = ("id", "image", "image_bytes", "source_prompt", "target_prompt", *OVERRIDE_COLUMNS, *IP_COLUMNS)
 
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 CSV_SUFFIXES = (".csv", ".tsv")
@@ -56,8 +59,12 @@ def check_schema(schema: pa.Schema, where: str) -> None:
             continue
         if f.name == "id":
             ok = _is_string(t) or pa.types.is_integer(t)
-        elif f.name == "image_bytes":
+        elif f.name in ("image_bytes", "ip_image_bytes"):
             ok = _is_binary(t) or _is_string(t)
+        elif f.name == "ip_image":
+            ok = _is_string(t)
+        elif f.name == "ip_adapter_scale":
+            ok = pa.types.is_integer(t) or pa.types.is_floating(t) or _is_string(t)
         elif f.name in STRING_COLUMNS:
             ok = _is_string(t) or pa.types.is_dictionary(t) and _is_string(t.value_type)
         elif f.name == "seed":
@@ -66,7 +73,8 @@ def check_schema(schema: pa.Schema, where: str) -> None:
             ok = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
         if not ok:
             want = {
-                "id": "string", "image_bytes": "binary", "seed": "integer",
+                "id": "string", "image_bytes": "binary", "seed": "integer", "ip_image": "string",
+                "ip_image_bytes": "binary", "ip_adapter_scale": "number or JSON text",
             }.get(f.name, "string" if f.name in STRING_COLUMNS else "number")
             wrong.append(f"'{f.name}' is {t}, expected {want}")
     if wrong:
@@ -96,7 +104,8 @@ CSV_NUMERIC = {"seed": pa.int64(), **{c: pa.float64() for c in FLOAT_COLUMNS}}
 
 def csv_convert_options(cols: list[str] | None = None, names: list[str] | None = None) -> pacsv.ConvertOptions:
     """Every column as text (an empty cell is null); the numeric columns are typed by :func:`csv_typed`."""
-    types: dict[str, pa.DataType] = {c: pa.string() for c in (*STRING_COLUMNS, "image_bytes", *CSV_NUMERIC)}
+    types: dict[str, pa.DataType] = {c: pa.string() for c in (*STRING_COLUMNS, "image_bytes", "ip_image", "ip_image_bytes",
+                                                               *CSV_NUMERIC)}
     types.update({c: pa.string() for c in names or ()})
     return pacsv.ConvertOptions(
         column_types=types,
@@ -174,7 +183,7 @@ def _json_schema(fh: Any, sample_lines: int = 10_000) -> pa.Schema:
                     inferred[k] = pa.string()
     fields = []
     for k in names:
-        if k in STRING_COLUMNS or k == "image_bytes":
+        if k in STRING_COLUMNS or k in ("image_bytes", "ip_image", "ip_image_bytes"):
             t = inferred.get(k, pa.string())
             if not (_is_string(t) or pa.types.is_integer(t)):
                 fields.append(pa.field(k, t))

@@ -31,6 +31,10 @@ class Row:
     companion: bool = False
     # What determines the row's output, hashed (io/work_key.py); set by the planner, carried by the record.
     work_key: str | None = None
+    # The row's image prompt (IP-Adapter runs, docs/ip_adapter.md): a resolved URI or the bytes; None
+    # for both: a text-only row.
+    ip_image: str | None = None
+    ip_image_bytes: bytes | None = None
 
     @cached_property
     def source_key(self) -> str:

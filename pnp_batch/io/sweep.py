@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pnp_batch.ip_keys import parse_ip_scale
 from pnp_batch.config import GROUP_KEYS, LAYER_KEYS, ROW_OVERRIDES, ConfigError, PipelineConfig, parse_layers
 from pnp_batch.errors import UsageError
 from pnp_batch.io.manifest import BATCH_ROWS, Manifest, ManifestError, RowStream
@@ -118,6 +119,11 @@ def _parse_value(key: str, text: str, cfg: PipelineConfig) -> Any:
             raise SweepError(f"--sweep {key}: {text!r} is not a number") from None
         if not math.isfinite(value):
             raise SweepError(f"--sweep {key}: {text!r} is not a finite number")
+    elif key == "ip_adapter_scale":  # a number or diffusers' per-block form (ip_keys.py)
+        try:
+            value = parse_ip_scale(text)
+        except ValueError as e:
+            raise SweepError(f"--sweep {key}: {e}") from None
     elif key == "seed":
         try:
             value = int(text)

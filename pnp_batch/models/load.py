@@ -16,6 +16,7 @@ from pnp_batch.backbones import SD, SDXL, UnsupportedArchitecture, recognise
 from pnp_batch.config import PipelineConfig
 from pnp_batch.errors import UsageError
 from pnp_batch.models import sdxl
+from pnp_batch.models.ip_adapter import load_ip_adapter
 from pnp_batch.models.lora import apply_loras, lora_fingerprint, resolve_loras
 from pnp_batch.models.single_file import is_single_file, load_single_file, single_file_fingerprint
 from pnp_batch.models.tiny import TINY_VERSION, tiny_model_dir
@@ -44,6 +45,7 @@ class Models:
     architecture: str = SD  # backbones.SD or backbones.SDXL
     text_encoder_2: Any = None  # SDXL: CLIPTextModelWithProjection (hidden states + pooled embedding)
     tokenizer_2: Any = None
+    ip_adapter: Any = None  # models/ip_adapter.IPAdapter when the pipeline names one (loaded into `unet`)
 
     @property
     def prediction_type(self) -> str:
@@ -235,7 +237,7 @@ def load_models(cfg: PipelineConfig) -> Models:
     apply_loras(unet, {"text_encoder": text_encoder, **({"text_encoder_2": second["text_encoder_2"]} if second else {})},
                 loras)
     fingerprint += lora_fingerprint(loras)
-    return Models(
+    models = Models(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -249,6 +251,10 @@ def load_models(cfg: PipelineConfig) -> Models:
         architecture=arch,
         **second,
     )
+    # An IP-Adapter (models/ip_adapter.py) changes no inversion (image prompts ride only on the targets),
+    # so it stays out of the fingerprint and the feature key.
+    models.ip_adapter = load_ip_adapter(cfg, models)
+    return models
 
 
 def _load_single_file(path: str, model_config: str, dtype: torch.dtype) -> tuple[tuple, str]:

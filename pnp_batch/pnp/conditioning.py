@@ -17,6 +17,12 @@ from typing import Any
 import torch
 
 
+# Added inputs of an IP-Adapter run (translate/image_prompts.py): the image embeddings of each element,
+# (B, 1, D), and its weight in each IP-Adapter layer, (B, layers).
+IMAGE_EMBEDS = "image_embeds"
+IP_WEIGHTS = "ip_weights"
+
+
 @dataclass(frozen=True)
 class TextCond:
     """Per-element UNet conditioning: `hidden` (B, L, D) and `added` tensors, each (B, ...)."""
@@ -80,8 +86,18 @@ class TextCond:
         return TextCond(self.hidden, {**self.added, **more})
 
     def unet_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of diffusers' UNet2DConditionModel call."""
+        """Keyword arguments of diffusers' UNet2DConditionModel call. An IP-Adapter's image embeddings and
+        per-element weights (pnp/ip_attention.py) go where diffusers reads them: `added_cond_kwargs`
+        `image_embeds` as a list (one adapter), the weights as `cross_attention_kwargs`."""
         kw: dict[str, Any] = {"encoder_hidden_states": self.hidden}
-        if self.added:
-            kw["added_cond_kwargs"] = dict(self.added)
+        added = dict(self.added)
+        weights = added.pop(IP_WEIGHTS, None)
+        if IMAGE_EMBEDS in added:
+            added[IMAGE_EMBEDS] = [added[IMAGE_EMBEDS]]
+        if added:
+            kw["added_cond_kwargs"] = added
+        if weights is not None:
+            from pnp_batch.pnp.ip_attention import RowScales
+
+            kw["cross_attention_kwargs"] = {"ip_adapter_masks": RowScales(weights)}
         return kw

@@ -128,11 +128,11 @@ class PnPInjector:
         self.unet = unet
         self.points = points if points is not None else injection_points(unet)
         self.controller = PnPController()
-        procs = dict(unet.attn_processors)
-        self._original = dict(procs)
-        for layer in self.points.attn_layers:
-            procs[f"{layer}.processor"] = PnPAttnProcessor(self.controller, layer)
-        unet.set_attn_processor(procs)
+        # Module by module (Attention.set_processor), never a whole-UNet set_attn_processor: the other
+        # layers keep their processors, an IP-Adapter's on the cross-attention layers included.
+        self._original = {layer: unet.get_submodule(layer).processor for layer in self.points.attn_layers}
+        self._procs = {layer: PnPAttnProcessor(self.controller, layer) for layer in self.points.attn_layers}
+        self.reinstall()
         self._hooks = [
             unet.get_submodule(block).conv2.register_forward_hook(self._conv_hook(f"conv:{block}"))
             for block in self.points.feature_blocks
@@ -144,8 +144,19 @@ class PnPInjector:
 
         return hook
 
+    def reinstall(self) -> None:
+        """Put the PnP processors (back) on their self-attention layers, e.g. after diffusers' IP-Adapter
+        loader reset every attn1 processor; no other layer is touched."""
+        for layer, proc in self._procs.items():
+            self.unet.get_submodule(layer).set_processor(proc)
+
+    def restore(self) -> None:
+        """Give the injected layers back the processors they had before (the hooks stay)."""
+        for layer, proc in self._original.items():
+            self.unet.get_submodule(layer).set_processor(proc)
+
     def remove(self) -> None:
-        """Take the hooks off and give the UNet back its original attention processors."""
+        """Take the hooks off and give the injected layers back their original processors."""
         for h in self._hooks:
             h.remove()
-        self.unet.set_attn_processor(self._original)
+        self.restore()

@@ -33,6 +33,7 @@ from pnp_batch.pnp.graphs import GraphedUNet, base_unet
 from pnp_batch.pnp.injection import PnPInjector
 from pnp_batch.pnp.layers import InjectionPoints, injection_points
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
+from pnp_batch.translate.image_prompts import ImagePrompts
 from pnp_batch.translate.outputs import to_uint8
 from pnp_batch.translate.sizing import auto_batch_size
 from pnp_batch.translate.sources import SourceFeatures
@@ -95,6 +96,9 @@ class Translator(SourceFeatures):
         for feature_blocks, attn_layers in layer_settings:
             self.injection_points(feature_blocks, attn_layers)
         self.injector = PnPInjector(self.models.unet, self.points)
+        # image prompts (an IP-Adapter loaded with the model): translate/image_prompts.py
+        self.image_prompts = ImagePrompts(self.models.ip_adapter, self.models.unet, cfg.max_pixels) \
+            if self.models.ip_adapter is not None else None
         self.text = prompt_encoder(self.models)  # the architecture's prompt conditioning (translate/text.py)
         self.counters = Counters()
         self.timesteps = generation_timesteps(cfg.steps)
@@ -188,7 +192,8 @@ class Translator(SourceFeatures):
     def condition(self, prompts: list[str], latent_size: tuple[int, ...]) -> TextCond:
         """The UNet conditioning of `prompts` for latents of spatial size `latent_size` (h, w)."""
         h, w = latent_size[-2:]
-        return self.text.for_size(self.embed(prompts), h * 8, w * 8)
+        cond = self.text.for_size(self.embed(prompts), h * 8, w * 8)
+        return self.image_prompts.text_only(cond) if self.image_prompts is not None else cond
 
     def prompt_warning(self, prompt: str) -> str | None:
         """A warning when the prompt is longer than the text encoder reads (it is truncated)."""
@@ -249,6 +254,8 @@ class Translator(SourceFeatures):
                 negs.append(r.overrides.get("negative_prompt", cfg.negative_prompt))
         cond = self.condition([r.target_prompt for r in rows], latent_size)
         neg = self.condition(negs, latent_size)
+        if self.image_prompts is not None:
+            cond, neg = self.image_prompts.for_rows(cond, neg, rows, cfg.ip_adapter_scale)
         alphas = (
             blend_alphas(cfg.negative_prompt_schedule, cfg.negative_prompt_alpha, cfg.steps)
             if mode == "blend"
@@ -376,6 +383,12 @@ class Translator(SourceFeatures):
                 attempt: int, source: Any = None, image_sha256: str | None = None) -> list[dict[str, Any]]:
         """Sample and decode the images of one group, write those of the rows to do (not of the
         companions: see Row.companion), and build their records."""
+        unusable: list[dict[str, Any]] = []
+        if self.image_prompts is not None:  # an unreadable ip_image fails its row only
+            rows, unusable = self.image_prompts.split_unusable(rows, self.cfg.ip_adapter_scale, lambda r, msg: self._record(
+                r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt))
+            if all(r.companion for r in rows):
+                return unusable
         first = rows[0]
         h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
         try:
@@ -385,10 +398,10 @@ class Translator(SourceFeatures):
         except Exception as e:
             msg = _row_message(e, first)
             log.exception("translation of %d rows from %s failed", len(rows), first.image or first.id)
-            return [self._record(r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt)
-                    for r in rows if not r.companion]
+            return unusable + [self._record(r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt)
+                               for r in rows if not r.companion]
         scores = self._scores(rows, images, source) if self.scorer is not None else [None] * len(rows)
-        records: list[dict[str, Any] | Future] = []
+        records: list[dict[str, Any] | Future] = list(unusable)
         for r, img, neg, score in zip(rows, images, negs, scores):
             if r.companion:
                 continue

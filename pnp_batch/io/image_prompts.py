@@ -1,0 +1,62 @@
+"""A manifest row's image prompt (IP-Adapter runs, docs/ip_adapter.md): the `ip_image` / `ip_image_bytes`
+/ `ip_adapter_scale` columns read into a Row, and the one function that reads an image prompt's URI."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import math
+from typing import Any
+
+from pnp_batch.io import storage
+from pnp_batch.ip_keys import IP_SCALE, IPScaleError, parse_ip_scale, scale_key
+
+
+def read_row_uri(uri: str) -> bytes:
+    """The bytes of a URI a manifest row names besides its source image (its `ip_image`): the same read
+    as the source's, in one place, so an input policy applies to both."""
+    return storage.read_bytes(uri)
+
+
+def ip_fields(rec: dict[str, Any], base_dir: str) -> tuple[str | None, bytes | None, list[str]]:
+    """(ip_image resolved against the manifest's folder, ip_image_bytes, problems) of a manifest record."""
+    problems: list[str] = []
+    uri = rec.get("ip_image") or None
+    raw = rec.get("ip_image_bytes")
+    data: bytes | None = None
+    if isinstance(raw, str):
+        try:
+            data = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            problems.append("ip_image_bytes is text but not base64")
+    elif raw is not None:
+        data = bytes(raw)
+    if uri is not None and data is not None:
+        problems.append("ip_image and ip_image_bytes are both set: give one")
+    return (storage.resolve(base_dir, uri) if uri is not None else None), data, problems
+
+
+def ip_scale_override(rec: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The row's `ip_adapter_scale` override ({} when absent or NaN), or why it is unusable."""
+    v = rec.get(IP_SCALE)
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+        return {}, []
+    try:
+        return {IP_SCALE: parse_ip_scale(v)}, []
+    except IPScaleError as e:
+        return {}, [str(e)]
+
+
+def ip_id_part(rec: dict[str, Any], overrides: dict[str, Any]) -> list[Any] | None:
+    """What a row's image prompt adds to its derived id: None for a row without one (ids of manifests
+    without image prompts stay as they were), else the ip_image as written (or the sha256 of its bytes)
+    and the scale override."""
+    uri = rec.get("ip_image") or None
+    raw = rec.get("ip_image_bytes")
+    if uri is None and raw is None and IP_SCALE not in overrides:
+        return None
+    ref = uri
+    if raw is not None:
+        ref = "sha256:" + hashlib.sha256(raw.encode() if isinstance(raw, str) else bytes(raw)).hexdigest()
+    return [ref, scale_key(overrides[IP_SCALE]) if IP_SCALE in overrides else None]
