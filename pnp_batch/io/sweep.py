@@ -24,11 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pnp_batch.ip_keys import parse_ip_scale
 from pnp_batch.config import GROUP_KEYS, LAYER_KEYS, ROW_OVERRIDES, ConfigError, PipelineConfig, parse_layers
 from pnp_batch.errors import UsageError
 from pnp_batch.io.manifest import BATCH_ROWS, Manifest, ManifestError, RowStream
 from pnp_batch.io.rows import Row
+from pnp_batch.ip_keys import parse_ip_scale
 
 SWEEP_KEYS = (*ROW_OVERRIDES, *GROUP_KEYS)
 SWEEP_COLUMNS = ("source_id", "setting")

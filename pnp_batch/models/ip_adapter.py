@@ -187,7 +187,7 @@ def load_ip_adapter(cfg: PipelineConfig, models: Any) -> IPAdapter | None:
                              image_encoder_folder=loc.image_encoder, local_files_only=loc.local or None)
     except IPAdapterError:
         raise
-    except Exception as e:  # noqa: BLE001 - anything the loader meets: the request is unusable (exit 2)
+    except Exception as e:
         raise IPAdapterError(f"cannot load IP-Adapter {weights}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     image_dim = pipe.image_encoder.config.projection_dim
     proj = unet.encoder_hid_proj.image_projection_layers[0]

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-
 # Added inputs of an IP-Adapter run (translate/image_prompts.py): the image embeddings of each element,
 # (B, 1, D), and its weight in each IP-Adapter layer, (B, layers).
 IMAGE_EMBEDS = "image_embeds"

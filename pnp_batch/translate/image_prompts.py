@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pnp_batch.errors import RowError
+from pnp_batch.errors import RowError, UsageError
 from pnp_batch.io.image_prompts import read_row_uri
 from pnp_batch.io.images import decode_image
 from pnp_batch.io.rows import Row
@@ -37,7 +37,7 @@ class ImagePromptError(RowError):
 class ImagePrompts:
     """The adapter's image embeddings and per-row weights for one Translator (one loaded model)."""
 
-    def __init__(self, adapter: Any, unet, max_pixels: int) -> None:
+    def __init__(self, adapter: Any, unet, max_pixels: int, default_scale: Any = 1.0) -> None:
         self.pipe = adapter.pipe
         self.layers = install_row_scaled(unet)  # per module: PnP's attn1 processors are left alone
         self.max_pixels = max_pixels
@@ -52,6 +52,10 @@ class ImagePrompts:
         # image for adapters that read hidden states): diffusers' own, from any image
         neg, _ = self._prepare(Image.new("RGB", (8, 8)))
         self.negative = neg
+        try:  # the pipeline's scale is checked before any work (exit 2)
+            self.weights(default_scale)
+        except ImagePromptError as e:
+            raise UsageError(str(e)) from None
 
     def _prepare(self, image) -> tuple[torch.Tensor, torch.Tensor]:
         """(negative, positive) embeddings of one image, each (1, 1, ...), by diffusers' pipeline method."""
@@ -64,6 +68,7 @@ class ImagePrompts:
         `set_ip_adapter_scale` exactly as a pipeline would set it; cached per scale."""
         key = scale_key(scale)
         if key not in self._weights:
+            self._check_blocks(scale)
             try:
                 self.pipe.set_ip_adapter_scale(scale)
             except ValueError as e:
@@ -72,6 +77,23 @@ class ImagePrompts:
             self._weights[key] = torch.tensor([[float(procs[f"{n}.processor"].scale[0]) for n in self.layers]],
                                               device=self.device)
         return self._weights[key]
+
+    def _check_blocks(self, scale: Any) -> None:
+        """A per-block scale may name only blocks that have attention layers (diffusers would silently
+        ignore the others): SD's decoder blocks with attention are up 1-3, SDXL's up 0-1."""
+        if not isinstance(scale, dict):
+            return
+        unet = self.pipe.unet
+        for part in ("down", "up"):
+            spec = scale.get(part)
+            if not isinstance(spec, dict):
+                continue
+            blocks = getattr(unet, f"{part}_blocks")
+            valid = [f"block_{i}" for i, b in enumerate(blocks) if hasattr(b, "attentions")]
+            wrong = [b for b in spec if b not in valid]
+            if wrong:
+                raise ImagePromptError(f"ip_adapter_scale: {part} {', '.join(wrong)} has no attention layers in this "
+                                       f"model; {part} blocks with attention: {', '.join(valid)}")
 
     def embeds(self, row: Row) -> torch.Tensor:
         """The row's image embeddings (1, 1, ...), computed once per distinct image content."""
@@ -124,3 +146,16 @@ class ImagePrompts:
         return (cond.with_added(**{IMAGE_EMBEDS: torch.cat(embeds), IP_WEIGHTS: w}),
                 neg.with_added(**{IMAGE_EMBEDS: self.negative.expand(len(rows), *self.negative.shape[1:]),
                                   IP_WEIGHTS: w}))
+
+
+def split_unusable(prompts: ImagePrompts | None, rows: list[Row], default_scale: Any,
+                   failed: Callable[[Row, str], dict]) -> tuple[list[Row], list[dict]]:
+    """ImagePrompts.split_unusable; without an adapter, a row with an image prompt fails (rather than
+    being translated as if it had none)."""
+    if prompts is not None:
+        return prompts.split_unusable(rows, default_scale, failed)
+    ok = [r for r in rows if r.ip_image is None and r.ip_image_bytes is None]
+    bad = [failed(r, "the row has an ip_image but the pipeline has no ip_adapter (set ip_adapter, "
+                     "docs/ip_adapter.md)") for r in rows
+           if (r.ip_image is not None or r.ip_image_bytes is not None) and not r.companion]
+    return ok, bad

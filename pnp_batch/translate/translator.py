@@ -33,7 +33,7 @@ from pnp_batch.pnp.graphs import GraphedUNet, base_unet
 from pnp_batch.pnp.injection import PnPInjector
 from pnp_batch.pnp.layers import InjectionPoints, injection_points
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
-from pnp_batch.translate.image_prompts import ImagePrompts
+from pnp_batch.translate.image_prompts import ImagePrompts, split_unusable
 from pnp_batch.translate.outputs import to_uint8
 from pnp_batch.translate.sizing import auto_batch_size
 from pnp_batch.translate.sources import SourceFeatures
@@ -59,6 +59,7 @@ class Counters:
     source_elements: int = 0
     inversions: int = 0
     cache_hits: int = 0
+    image_encodes: int = 0  # IP-Adapter image encoder runs: one per distinct image prompt
 
 
 class Translator(SourceFeatures):
@@ -97,8 +98,8 @@ class Translator(SourceFeatures):
             self.injection_points(feature_blocks, attn_layers)
         self.injector = PnPInjector(self.models.unet, self.points)
         # image prompts (an IP-Adapter loaded with the model): translate/image_prompts.py
-        self.image_prompts = ImagePrompts(self.models.ip_adapter, self.models.unet, cfg.max_pixels) \
-            if self.models.ip_adapter is not None else None
+        self.image_prompts = ImagePrompts(self.models.ip_adapter, self.models.unet, cfg.max_pixels,
+                                          cfg.ip_adapter_scale) if self.models.ip_adapter is not None else None
         self.text = prompt_encoder(self.models)  # the architecture's prompt conditioning (translate/text.py)
         self.counters = Counters()
         self.timesteps = generation_timesteps(cfg.steps)
@@ -303,6 +304,8 @@ class Translator(SourceFeatures):
             self.counters.sample_calls += out.unet_calls
             self.counters.sample_elements += out.batch_elements
             self.counters.source_elements += out.source_elements
+            if self.image_prompts is not None:
+                self.counters.image_encodes = self.image_prompts.encoded
             images += [self.decode(out.latents[start : start + k_max]) for start in range(0, len(chunk), k_max)]
             negs += chunk_negs
         return np.concatenate(images), negs
@@ -383,12 +386,11 @@ class Translator(SourceFeatures):
                 attempt: int, source: Any = None, image_sha256: str | None = None) -> list[dict[str, Any]]:
         """Sample and decode the images of one group, write those of the rows to do (not of the
         companions: see Row.companion), and build their records."""
-        unusable: list[dict[str, Any]] = []
-        if self.image_prompts is not None:  # an unreadable ip_image fails its row only
-            rows, unusable = self.image_prompts.split_unusable(rows, self.cfg.ip_adapter_scale, lambda r, msg: self._record(
-                r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt))
-            if all(r.companion for r in rows):
-                return unusable
+        # an unreadable ip_image (or one in a run without ip_adapter) fails its row only
+        rows, unusable = split_unusable(self.image_prompts, rows, self.cfg.ip_adapter_scale, lambda r, msg: self._record(
+            r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt))
+        if all(r.companion for r in rows):
+            return unusable
         first = rows[0]
         h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
         try:
