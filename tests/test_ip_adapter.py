@@ -43,7 +43,7 @@ def _images(out, ids) -> dict[str, np.ndarray]:
 
 
 def _summary(out) -> dict:
-    return json.loads(sorted((out / "runs").glob("*.json"))[-1].read_text())
+    return json.loads(max((out / "runs").glob("*.json")).read_text())
 
 
 # --- equality with diffusers' pipeline (injection off, same starting latent) -------------------------

@@ -119,7 +119,7 @@ def check_weights(path: Path, unet) -> None:
     if path.suffix != ".safetensors":
         return  # a pickle file: diffusers' loader reports what does not fit
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - a safetensors file
     layers = cross_attention_layers(unet)
     problems = []
     for j, layer in enumerate(layers):
