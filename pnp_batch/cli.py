@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resolution of the sweep_vs_floor_elements count (default: the bench's; 64 for a "
                    "full-size UNet on a CPU)")
     b.add_argument("--data", action="store_true", help="also run the data-plane benchmarks")
+    b.add_argument("--ip-adapter", action="store_true",
+                   help="only the IP-Adapter family: sampling with an adapter against without (docs/ip_adapter.md)")
     b.add_argument("--eval", action="store_true",
                    help="also time scoring an output (eval_vs_translate; always on for full-size archs on a GPU; "
                    "about two minutes on a CPU with full-size metric models)")
@@ -417,6 +419,10 @@ def cmd_make_test_model(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.ip_adapter:
+        from pnp_batch.bench.ip_adapter import run_ip_bench
+
+        return run_ip_bench(a)
     from pnp_batch.bench.run import run_bench
 
     return run_bench(a)

@@ -68,6 +68,14 @@ timeout 90 "${BENCH[@]}" --k 4 --sources 4 --reference-inversion-steps 100 --inv
 echo "bench (inversion_streams 4) exit status ${PIPESTATUS[0]}"
 fi
 
+# IP_ADAPTER=1: the IP-Adapter's cost (docs/ip_adapter.md): SD 1.5 full size, fp16, 512 px, 50 steps, K=4,
+# sampling with the adapter against without, median of 5 (target <= 1.10); image encoder runs counted.
+if [ "${IP_ADAPTER:-0}" = 1 ]; then
+timeout 150 "$PY" -m pnp_batch bench --ip-adapter --arch sd15 --device cuda --dtype float16 --resolution 512 \
+  --steps 50 --k 4 --repeats 5 --json "$OUT/ip-adapter-bench.json" 2>&1 | tee "$AUX/ip-adapter-bench.txt"
+echo "bench (ip-adapter) exit status ${PIPESTATUS[0]}"
+fi
+
 # One line per bench run, so the device call's output tail says what matters at a glance.
 "$PY" - "$OUT" <<'PYEOF' 2>&1 | tee "$OUT/summary.txt"
 import glob, json, os, sys
