@@ -54,9 +54,13 @@ def ip_id_part(rec: dict[str, Any], overrides: dict[str, Any]) -> list[Any] | No
     and the scale override."""
     uri = rec.get("ip_image") or None
     raw = rec.get("ip_image_bytes")
-    if uri is None and raw is None and IP_SCALE not in overrides:
+    scale = overrides.get(IP_SCALE)
+    written = rec.get(IP_SCALE)  # as written when it is unusable: such a row keeps an id of its own
+    if scale is None and isinstance(written, str) and written:
+        scale = written
+    if uri is None and raw is None and scale is None:
         return None
     ref = uri
     if raw is not None:
         ref = "sha256:" + hashlib.sha256(raw.encode() if isinstance(raw, str) else bytes(raw)).hexdigest()
-    return [ref, scale_key(overrides[IP_SCALE]) if IP_SCALE in overrides else None]
+    return [ref, scale_key(scale) if scale is not None else None]
