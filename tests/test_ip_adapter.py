@@ -239,3 +239,22 @@ def test_adapter_that_does_not_fit_or_lacks_its_encoder_exits_2(tmp_path, tiny_s
                  "--set", f"ip_adapter_subfolder={TEST_SUBFOLDER}", "--set", f"ip_adapter_weight_name={TEST_WEIGHT_NAME}",
                  "--set", "ip_adapter_image_encoder=no_encoder_here"]) == 2
     assert "image encoder not found" in capsys.readouterr().err
+
+
+def test_scale_sweep_with_eval_one_inversion_for_the_grid(tmp_path):
+    """`ip_adapter_scale` is sweepable; run --eval scores every setting; one inversion and one image
+    encoding serve the whole grid, and the grid's scale-0 point is text-only."""
+    Image.open(io.BytesIO(_png(0, (80, 64)))).save(tmp_path / "s.png")
+    (tmp_path / "style.png").write_bytes(_png(5))
+    m = _manifest(tmp_path, [{"id": "a", "image": "s.png", "target_prompt": "a fox", "ip_image": "style.png"}],
+                  "m.parquet")
+    out = tmp_path / "o"
+    assert main(["run", m, "--out", str(out), *FAST, "--set", "ip_adapter=tiny", "--sweep",
+                 "ip_adapter_scale=0,1", "--eval"]) == 0
+    recs = pq.read_table(out / "results").to_pylist()
+    assert sorted(r["setting"] for r in recs) and all(r["status"] == "ok" for r in recs) and len(recs) == 2
+    stats = _summary(out)["stats"]["unet"]
+    assert stats["inversions"] == 1 and stats["image_encodes"] == 1
+    assert len(list((out / "eval").glob("*.parquet"))) >= 1
+    imgs = [np.asarray(Image.open(out / "images" / f"{r['id']}.png")) for r in sorted(recs, key=lambda r: r["id"])]
+    assert np.abs(imgs[0].astype(int) - imgs[1].astype(int)).max() > 2
