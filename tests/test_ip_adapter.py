@@ -258,3 +258,57 @@ def test_scale_sweep_with_eval_one_inversion_for_the_grid(tmp_path):
     assert len(list((out / "eval").glob("*.parquet"))) >= 1
     imgs = [np.asarray(Image.open(out / "images" / f"{r['id']}.png")) for r in sorted(recs, key=lambda r: r["id"])]
     assert np.abs(imgs[0].astype(int) - imgs[1].astype(int)).max() > 2
+
+
+class _Replay:
+    """A stand-in for CUDA graph capture (as tests/pnp/test_graphs.py's): a replay reruns the recorded call
+    on its static inputs with the injection state frozen at capture."""
+
+    def __init__(self, controller) -> None:
+        self.c = controller
+        self.captures = 0
+
+    def lane(self, sample) -> int:
+        return 0
+
+    def capture(self, fn, lane):
+        self.captures += 1
+        c = self.c
+        out = fn()
+        frozen = (c.conv_rows, c.attn_rows, c.has_source, c.record)
+
+        def replay() -> None:
+            now = (c.conv_rows, c.attn_rows, c.has_source, c.record)
+            c.conv_rows, c.attn_rows, c.has_source, c.record = frozen
+            try:
+                out.copy_(fn())
+            finally:
+                c.conv_rows, c.attn_rows, c.has_source, c.record = now
+
+        return replay, out
+
+
+def test_graphed_unet_replays_image_prompt_calls_with_the_eager_images(tiny_model_dir, tmp_path):
+    """CUDA graphs keep working: calls carrying image embeddings and per-element weights are recorded
+    (their inputs copied into static tensors) and replayed, with the eager images."""
+    from pnp_batch.pnp.graphs import GraphedUNet
+
+    cfg = load_config("tiny", {"model": str(tiny_model_dir), "device": "cpu", "steps": STEPS,
+                               "inversion_steps": STEPS, "ip_adapter": "tiny"})
+    tr = Translator(cfg, str(tmp_path / "out"))
+    latents = torch.randn(STEPS, 1, 4, 8, 10, generator=torch.Generator().manual_seed(1))
+    rows = [Row(0, "a", None, None, "a photo", "a fox", ip_image_bytes=_png(3)),
+            Row(1, "b", None, None, "a photo", "a cat"),
+            Row(2, "c", None, None, "a photo", "a fox", ip_image_bytes=_png(4), overrides={"ip_adapter_scale": 0.4})]
+    eager, _ = tr.translate(latents, rows)
+    graphed = GraphedUNet(tr.models.unet, tr.injector.controller, _Replay(tr.injector.controller))
+    tr.models.unet = graphed
+    again, _ = tr.translate(latents, rows)
+    assert graphed.replays > 0 and graphed.eager_calls == 0
+    assert np.array_equal(eager, again)
+    # other rows, same shapes: the recorded graphs serve them with their own image prompts
+    swapped = [rows[2], rows[1], rows[0]]
+    graphed_out, _ = tr.translate(latents, swapped)
+    tr.models.unet = graphed.module
+    eager_out, _ = tr.translate(latents, swapped)
+    assert np.array_equal(graphed_out, eager_out)

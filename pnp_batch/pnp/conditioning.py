@@ -23,6 +23,14 @@ IP_WEIGHTS = "ip_weights"
 
 
 @dataclass(frozen=True)
+class RowScales:
+    """Per-element IP-Adapter weights of one UNet call: (batch, layers), column j for the j-th IP layer
+    (pnp/ip_attention.py); passed as `cross_attention_kwargs={"ip_adapter_masks": RowScales(w)}`."""
+
+    weights: torch.Tensor
+
+
+@dataclass(frozen=True)
 class TextCond:
     """Per-element UNet conditioning: `hidden` (B, L, D) and `added` tensors, each (B, ...)."""
 
@@ -96,7 +104,5 @@ class TextCond:
         if added:
             kw["added_cond_kwargs"] = added
         if weights is not None:
-            from pnp_batch.pnp.ip_attention import RowScales
-
             kw["cross_attention_kwargs"] = {"ip_adapter_masks": RowScales(weights)}
         return kw

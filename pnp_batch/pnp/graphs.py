@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from pnp_batch.pnp.conditioning import RowScales
 from pnp_batch.pnp.injection import PnPController
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class _Graph:
     timestep: torch.Tensor
     emb: torch.Tensor
     keep: tuple  # tensors the recording reads by address (the injection rows): kept alive
-    added: dict[str, torch.Tensor]  # static added-conditioning inputs (SDXL), empty for SD
+    added: dict[tuple, torch.Tensor]  # static added-conditioning inputs (SDXL, IP-Adapter; flat_inputs)
 
 
 @dataclass
@@ -136,17 +137,18 @@ class GraphedUNet(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor | None = None,
                 added_cond_kwargs: dict[str, torch.Tensor] | None = None, **kwargs: Any):
-        added = added_cond_kwargs or {}
-        state = self._state() if not kwargs and self.failed is None else None
-        if (state is None or not torch.is_tensor(timestep) or encoder_hidden_states is None
-                or not all(torch.is_tensor(t) for t in added.values())):
+        # an IP-Adapter's inputs (image embeddings, per-element weights) are static tensors like the rest
+        added = flat_inputs(added_cond_kwargs, kwargs.get("cross_attention_kwargs"))
+        other = {k: v for k, v in kwargs.items() if k != "cross_attention_kwargs"}
+        state = self._state() if not other and added is not None and self.failed is None else None
+        if state is None or not torch.is_tensor(timestep) or encoder_hidden_states is None:
             self.eager_calls += 1
             return self.module(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                                added_cond_kwargs=added_cond_kwargs, **kwargs)
         lane = self.backend.lane(sample)
         # SDXL's added conditioning (pooled text, size ids) is an input like the text: static tensors,
         # their shapes in the key.
-        added_key = tuple((n, tuple(t.shape), t.dtype) for n, t in sorted(added.items()))
+        added_key = tuple((n, tuple(t.shape), t.dtype) for n, t in sorted(added.items(), key=lambda kv: _order(kv[0])))
         key = (tuple(sample.shape), sample.dtype, tuple(timestep.shape), timestep.dtype,
                tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype, added_key, state, lane)
         g = self.graphs.get(key)
@@ -155,7 +157,7 @@ class GraphedUNet(torch.nn.Module):
             if g is None:
                 self.eager_calls += 1
                 return self.module(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                                   added_cond_kwargs=added_cond_kwargs)
+                                   added_cond_kwargs=added_cond_kwargs, **kwargs)
         g.sample.copy_(sample)
         g.timestep.copy_(timestep)
         g.emb.copy_(encoder_hidden_states)
@@ -176,7 +178,9 @@ class GraphedUNet(torch.nn.Module):
         keep = (c.conv_rows, c.attn_rows) if c is not None else ()
 
         def call() -> torch.Tensor:
-            return self.module(s, t, encoder_hidden_states=e, added_cond_kwargs=a or None).sample
+            added_cond, cross = unflat_inputs(a)
+            return self.module(s, t, encoder_hidden_states=e, added_cond_kwargs=added_cond,
+                               cross_attention_kwargs=cross).sample
 
         try:
             replay, out = self.backend.capture(call, lane)
@@ -187,6 +191,44 @@ class GraphedUNet(torch.nn.Module):
         g = _Graph(replay, out, s, t, e, keep, a)
         self.graphs[key] = g
         return g
+
+
+def flat_inputs(added: dict[str, Any] | None, cross: dict[str, Any] | None) -> dict[tuple, torch.Tensor] | None:
+    """The call's added inputs as flat named tensors: `added_cond_kwargs` tensors and lists of tensors (an
+    IP-Adapter's `image_embeds`), and `cross_attention_kwargs` RowScales (its per-element weights); None
+    when something else is there (that call runs eagerly)."""
+    flat: dict[tuple, torch.Tensor] = {}
+    for n, v in (added or {}).items():
+        if torch.is_tensor(v):
+            flat[("added", n)] = v
+        elif isinstance(v, list) and all(torch.is_tensor(t) for t in v):
+            flat.update({("list", n, i): t for i, t in enumerate(v)})
+        else:
+            return None
+    for n, v in (cross or {}).items():
+        if not isinstance(v, RowScales):
+            return None
+        flat[("rows", n)] = v.weights
+    return flat
+
+
+def _order(key: tuple) -> tuple:
+    return (key[0], key[1], key[2] if len(key) > 2 else -1)
+
+
+def unflat_inputs(flat: dict[tuple, torch.Tensor]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(added_cond_kwargs, cross_attention_kwargs) of flat_inputs' tensors."""
+    added: dict[str, Any] = {}
+    cross: dict[str, Any] = {}
+    for key in sorted(flat, key=_order):
+        t = flat[key]
+        if key[0] == "added":
+            added[key[1]] = t
+        elif key[0] == "list":
+            added.setdefault(key[1], []).append(t)
+        else:
+            cross[key[1]] = RowScales(t)
+    return added or None, cross or None
 
 
 def base_unet(unet: torch.nn.Module) -> torch.nn.Module:

@@ -17,18 +17,11 @@ layer's output equals the plain cross-attention's: a row without image prompt is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-
-@dataclass(frozen=True)
-class RowScales:
-    """Per-element IP-Adapter weights of one UNet call: (batch, layers), column j for the j-th IP layer."""
-
-    weights: torch.Tensor
+from pnp_batch.pnp.conditioning import RowScales
 
 
 class RowScaledIPAttnProcessor(IPAdapterAttnProcessor2_0):
