@@ -205,6 +205,42 @@ def test_bad_image_prompt_fails_its_row_only(tmp_path):
     assert recs["broken"]["status"] == "failed" and "ip_image" in recs["broken"]["error"]
 
 
+def test_image_prompts_pass_the_input_policy_and_key_the_work(tmp_path, capsys):
+    """An ip_image is read under the run's input policy like the source (a metadata address or a file
+    outside the manifest's folder is refused before any read: validate flags it, run fails its row), and
+    changing a row's image prompt changes its work key, so resume redoes exactly that row."""
+    Image.open(io.BytesIO(_png(0, (80, 64)))).save(tmp_path / "s.png")
+    (tmp_path / "style.png").write_bytes(_png(5))
+    (tmp_path / "other.png").write_bytes(_png(6))
+    outside = tmp_path.parent / f"{tmp_path.name}_outside.png"
+    outside.write_bytes(_png(7))
+    rows = [{"id": "ok", "image": "s.png", "target_prompt": "a fox", "ip_image": "style.png"},
+            {"id": "meta", "image": "s.png", "target_prompt": "a cat", "ip_image": "http://169.254.169.254/x.png"},
+            {"id": "abs", "image": "s.png", "target_prompt": "a cat", "ip_image": str(outside)}]
+    m = _manifest(tmp_path, rows, "m.parquet")
+    assert main(["validate", m]) != 0
+    text = capsys.readouterr()
+    said = text.out + text.err
+    assert "meta" in said and "link-local" in said and "abs" in said
+    out = tmp_path / "o"
+    assert main(["run", m, "--out", str(out), *FAST, "--set", "ip_adapter=tiny"]) == 1
+    recs = {r["id"]: r for r in pq.read_table(out / "results").to_pylist()}
+    assert recs["ok"]["status"] == "ok"
+    assert recs["meta"]["status"] == "failed" and "not allowed" in recs["meta"]["error"]
+    assert recs["abs"]["status"] == "failed" and "not allowed" in recs["abs"]["error"]
+    # the same rows with another image prompt for "ok": a new work key, so only that row is redone
+    first_key = recs["ok"]["work_key"]
+    rows2 = [{**rows[0], "ip_image": "other.png"}]
+    m2 = _manifest(tmp_path, rows2, "m2.parquet")
+    assert main(["run", m2, "--out", str(out), *FAST, "--set", "ip_adapter=tiny"]) == 0
+    latest = [r for r in pq.read_table(out / "results").to_pylist() if r["id"] == "ok"]
+    assert len(latest) == 2 and latest[-1]["work_key"] != first_key
+    assert _summary(out)["counts"].get("changed") == 1
+    # unchanged: nothing to do
+    assert main(["run", m2, "--out", str(out), *FAST, "--set", "ip_adapter=tiny"]) == 0
+    assert len([r for r in pq.read_table(out / "results").to_pylist() if r["id"] == "ok"]) == 2
+
+
 def test_make_test_model_writes_an_adapter_the_run_loads(tmp_path, capsys):
     model = tmp_path / "tiny"
     assert main(["make-test-model", str(model), "--ip-adapter"]) == 0

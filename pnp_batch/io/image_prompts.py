@@ -13,12 +13,6 @@ from pnp_batch.io import storage
 from pnp_batch.ip_keys import IP_SCALE, IPScaleError, parse_ip_scale, scale_key
 
 
-def read_row_uri(uri: str) -> bytes:
-    """The bytes of a URI a manifest row names besides its source image (its `ip_image`): the same read
-    as the source's, in one place, so an input policy applies to both."""
-    return storage.read_bytes(uri)
-
-
 def ip_fields(rec: dict[str, Any], base_dir: str) -> tuple[str | None, bytes | None, list[str]]:
     """(ip_image resolved against the manifest's folder, ip_image_bytes, problems) of a manifest record."""
     problems: list[str] = []

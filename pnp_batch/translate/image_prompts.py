@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pnp_batch.errors import RowError, UsageError
-from pnp_batch.io.image_prompts import read_row_uri
+from pnp_batch.io.inputs import open_row_input
 from pnp_batch.io.images import decode_image
 from pnp_batch.io.rows import Row
 from pnp_batch.ip_keys import IP_SCALE, scale_key
@@ -37,7 +37,8 @@ class ImagePromptError(RowError):
 class ImagePrompts:
     """The adapter's image embeddings and per-row weights for one Translator (one loaded model)."""
 
-    def __init__(self, adapter: Any, unet, max_pixels: int, default_scale: Any = 1.0) -> None:
+    def __init__(self, adapter: Any, unet, max_pixels: int, default_scale: Any = 1.0, policy: Any = None) -> None:
+        self.policy = policy  # the run's input policy (io/policy.py); None for trusted callers only
         self.pipe = adapter.pipe
         self.layers = install_row_scaled(unet)  # per module: PnP's attn1 processors are left alone
         self.max_pixels = max_pixels
@@ -100,9 +101,11 @@ class ImagePrompts:
         data = row.ip_image_bytes
         if data is None:
             try:
-                data = read_row_uri(row.ip_image)
+                data = open_row_input(row.ip_image, self.policy)
             except FileNotFoundError:
                 raise ImagePromptError(f"ip_image not found: {row.ip_image}") from None
+            except RowError as e:  # refused by the input policy: its reason as is
+                raise ImagePromptError(f"ip_image {row.ip_image}: {e}") from None
             except Exception as e:  # noqa: BLE001 - the row fails with the reason
                 raise ImagePromptError(f"ip_image {row.ip_image} unreadable: {type(e).__name__}: {e}") from None
         key = hashlib.sha256(data).hexdigest()

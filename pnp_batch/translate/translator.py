@@ -99,7 +99,7 @@ class Translator(SourceFeatures):
         self.injector = PnPInjector(self.models.unet, self.points)
         # image prompts (an IP-Adapter loaded with the model): translate/image_prompts.py
         self.image_prompts = ImagePrompts(self.models.ip_adapter, self.models.unet, cfg.max_pixels,
-                                          cfg.ip_adapter_scale) if self.models.ip_adapter is not None else None
+                                          cfg.ip_adapter_scale, self.policy) if self.models.ip_adapter is not None else None
         self.text = prompt_encoder(self.models)  # the architecture's prompt conditioning (translate/text.py)
         self.counters = Counters()
         self.timesteps = generation_timesteps(cfg.steps)
