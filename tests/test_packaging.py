@@ -107,7 +107,6 @@ def test_the_cpu_lock_pins_every_dependency_within_its_range() -> None:
     """requirements/cpu.lock (bash tools/lock.sh) pins every dependency pyproject.toml declares, at a
     version its range admits: a dependency added without refreshing the lock fails here, by name."""
     import tomllib
-
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from pnp_batch.errors import RowError, UsageError
-from pnp_batch.io.inputs import open_row_input
 from pnp_batch.io.images import decode_image
+from pnp_batch.io.inputs import open_row_input
 from pnp_batch.io.rows import Row
 from pnp_batch.ip_keys import IP_SCALE, scale_key
 from pnp_batch.pnp.conditioning import IMAGE_EMBEDS, IP_WEIGHTS, TextCond
