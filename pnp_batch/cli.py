@@ -108,9 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     _policy_flags(v)
     v.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
 
-    rp = sub.add_parser("report", help="write the trade-off plot and the sweep contact sheet of an output")
+    rp = sub.add_parser("report", help="write the trade-off plot, the sweep contact sheet and the browsable page "
+                        "(OUT/report/index.html) of an output; --sort draws the chosen rows' contact sheet")
     rp.add_argument("out")
     rp.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    from pnp_batch.report.options import add_report_args  # the selection and page options (docs/export.md)
+
+    add_report_args(rp)
+
+    x = sub.add_parser("export", help="write the rows that pass a filter as a training set (webdataset, parquet, "
+                       "imagefolder); see docs/export.md")
+    from pnp_batch.export.cli import add_export_args
+
+    add_export_args(x)
 
     s = sub.add_parser("status", help="done / failed / pending counts of an output")
     s.add_argument("out")
@@ -391,12 +401,21 @@ def cmd_report(a: argparse.Namespace) -> int:
     from pnp_batch.report.write import write_sweep_reports
 
     _storage(a.storage_option)
-    written = write_sweep_reports(a.out)
+    from pnp_batch.report.select import report_selection
+
+    written = report_selection(a)  # the chosen rows' sheet (--sort ...) and OUT/report/index.html
+    written += write_sweep_reports(a.out)
     if not written:
         print(f"nothing to report in {a.out}: no sweep results and no scores")
     for uri in written:
         print(uri)
     return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from pnp_batch.export.cli import run_export
+
+    return run_export(a, _storage(a.storage_option))
 
 
 def cmd_make_test_model(a: argparse.Namespace) -> int:
@@ -435,6 +454,7 @@ VERBS = {
     "status": cmd_status,
     "features": cmd_features,
     "report": cmd_report,
+    "export": cmd_export,
     "make-test-model": cmd_make_test_model,
     "bench": cmd_bench,
 }

@@ -15,6 +15,7 @@ ASSETS = PACKAGE / "assets"
 TOKENIZER_ASSETS = ASSETS / "tiny_tokenizer"  # the offline test models' BPE vocabulary
 CONFIG_ASSETS = ASSETS / "model_configs"  # diffusers configs for single checkpoint files, per family
 CLIP_BPE = ASSETS / "clip_bpe" / "clip_merges.txt.gz"  # CLIP's merges, for single-file tokenizers
+BROWSE_PAGE = ASSETS / "report" / "browse.html"  # OUT/report/index.html (report/browse.py)
 
 # The folders whose every file must ship in the wheel.
 DATA_DIRS = (PRESET_DIR, ASSETS)

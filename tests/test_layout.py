@@ -19,6 +19,7 @@ ALLOWED = {
     "translate": {ROOT, "io", "models", "pnp", "eval"},  # run --eval: the worker scores its rows
     "eval": {ROOT, "io", "models"},
     "report": {ROOT, "io"},
+    "export": {ROOT, "io"},  # pnp-batch export: the view, samples read through io, the format writers
     "engines": {ROOT, "io", "models", "translate", "eval", "report"},
     "inspect": {ROOT, "io", "models", "translate", "report"},  # pnp-batch features
     "bench": {ROOT, "io", "models", "pnp", "translate", "eval", "engines", "report"},

@@ -1,0 +1,1 @@
+"""Export: the rows of an output that pass a filter, as a training set (docs/export.md)."""
