@@ -94,8 +94,14 @@ def write_browse(out: str, view: pa.Table, page_size: int = 100, threads: int | 
         rows_out.append(card)
     if jobs:
         log.info("report: writing %d thumbnails", len(jobs))
+        names = sorted(jobs)
         with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
-            list(pool.map(lambda kv: _make_thumb(kv[1], storage.join(thumbs, kv[0])), sorted(jobs.items())))
+            made = list(pool.map(lambda n: _make_thumb(jobs[n], storage.join(thumbs, n)), names))
+        missing = {n for n, ok in zip(names, made) if not ok}
+        for card in rows_out:  # an image that could not be read: its card shows a blank tile
+            for k in ("t", "s"):
+                if card.get(k) in missing:
+                    del card[k]
     data = storage.join(report, "data")
     chunks = max(1, -(-len(rows_out) // CHUNK_ROWS))
     for k in range(chunks):
