@@ -140,10 +140,17 @@ def _finished(dest: str, doc: dict[str, Any] | None, start: int, ids: list[str],
     return all(storage.exists(storage.join(dest, rel)) for rel in doc.get("files", {}))
 
 
+def source_policy(out: str) -> Any:
+    """Sources and masks are read where the output's latest run could read them (its input policy)."""
+    from pnp_batch.report.write import output_policy
+
+    return output_policy(out)
+
+
 def write_shard(req: ExportRequest, plan_schema: pa.Schema, preps: dict[str, Prep | None], name: str, start: int,
                 rows: list[dict[str, Any]], identity: str) -> ShardResult:
     """Read the rows' samples, build the shard's files in memory, write them atomically, then its progress file."""
-    reader = SampleReader(preps)
+    reader = SampleReader(preps, source_policy(req.out))
     samples: list[Sample] = []
     skipped: list[dict[str, str]] = []
     for row in rows:
@@ -180,7 +187,7 @@ def _byte_shards(req: ExportRequest, p: ExportPlan, ids: list[str], identity: st
             res = _result(doc)
             yield res, True
         else:
-            reader = SampleReader(p.preps)
+            reader = SampleReader(p.preps, source_policy(req.out))
             end, size = pos, 0
             while end < n and size < (req.shard_bytes or 0) and end - pos < req.shard_size:
                 got = reader.read(p.rows.slice(end, 1).to_pylist()[0])

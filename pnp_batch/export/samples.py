@@ -16,6 +16,7 @@ from typing import Any
 
 from pnp_batch.io import storage
 from pnp_batch.io.images import decode_image, resize_source
+from pnp_batch.io.inputs import open_row_input
 
 IMAGE_BYTES = "<image_bytes>"
 MASK_COLUMNS = ("mask",)  # a manifest's mask URI (issue 23's `mask` column), when the results carry it
@@ -63,6 +64,7 @@ class SampleReader:
     """Reads rows into samples; prepared sources are cached by (URI, preprocessing) within one shard."""
 
     preps: dict[str, Prep | None]  # config_hash -> preprocessing
+    policy: Any = None  # the run's input policy (io/policy.py): sources and masks are read under it
     _sources: dict[tuple, bytes | Exception] = field(default_factory=dict)
 
     def read(self, row: dict[str, Any]) -> Sample | Skipped:
@@ -88,7 +90,7 @@ class SampleReader:
         for col in MASK_COLUMNS:
             if row.get(col):
                 try:
-                    mask = _png(decode_image(storage.read_bytes(str(row[col])), prep.max_pixels))
+                    mask = _png(decode_image(open_row_input(str(row[col]), self.policy), prep.max_pixels))
                 except Exception as e:  # noqa: BLE001
                     return Skipped(rid, f"mask unreadable ({storage.redact(str(row[col]))}): {_reason(e)}")
         ext = storage.basename(str(output)).rsplit(".", 1)[-1].lower() if "." in storage.basename(str(output)) else "png"
@@ -100,7 +102,7 @@ class SampleReader:
         key = (uri, prep)
         if key not in self._sources:
             try:
-                img = resize_source(decode_image(storage.read_bytes(uri), prep.max_pixels), prep.resolution,
+                img = resize_source(decode_image(open_row_input(uri, self.policy), prep.max_pixels), prep.resolution,
                                     prep.resize_mode)
                 self._sources[key] = _png(img)
             except Exception as e:  # noqa: BLE001

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from pnp_batch.errors import UsageError
 from pnp_batch.io.metrics import SCORE_SCHEMA, read_scores
+from pnp_batch.io.output_paths import located
 from pnp_batch.io.results import latest_results
 
 # The score columns as the view names them (the others keep their names).
@@ -54,6 +55,10 @@ def latest_view(out: str, columns: list[str] | None = None) -> pa.Table:
     results = latest_results(out, columns)
     if results.num_rows:
         results = results.take(pc.sort_indices(results.column("id")))
+    if "output" in results.column_names:  # where each output is now (a relative --out recorded relative paths)
+        i = results.column_names.index("output")
+        now = [located(out, u) for u in results.column("output").to_pylist()]
+        results = results.set_column(i, "output", pa.array(now, results.schema.field("output").type))
     return join_scores(results, read_scores(out))
 
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from pnp_batch.io import storage
 from pnp_batch.io.images import decode_image
+from pnp_batch.io.inputs import open_row_input
 from pnp_batch.resources import BROWSE_PAGE
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,10 @@ def thumb_name(kind: str, uri: str, stamp: Any = "") -> str:
     return f"{kind}-{_h(uri, stamp)}.jpg"
 
 
-def _make_thumb(uri: str, dest: str) -> bool:
+def _make_thumb(uri: str, dest: str, policy: Any = None) -> bool:
+    """A JPEG thumbnail of ``uri`` at ``dest``; a source is read under the run's input ``policy``."""
     try:
-        img = decode_image(storage.read_bytes(uri), 64_000_000)
+        img = decode_image(open_row_input(uri, policy) if policy is not None else storage.read_bytes(uri), 64_000_000)
         img.thumbnail((THUMB, THUMB))
         buf = io.BytesIO()
         img.convert("RGB").save(buf, format="JPEG", quality=85)
@@ -65,7 +67,8 @@ def _num(v: Any) -> Any:
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
 
 
-def write_browse(out: str, view: pa.Table, page_size: int = 100, threads: int | None = None) -> str:
+def write_browse(out: str, view: pa.Table, page_size: int = 100, threads: int | None = None,
+                 policy: Any = None) -> str:
     """Write OUT/report/index.html, its data chunks and the missing thumbnails; returns the page's URI."""
     report = storage.join(out, "report")
     thumbs = storage.join(report, "thumbs")
@@ -73,7 +76,12 @@ def write_browse(out: str, view: pa.Table, page_size: int = 100, threads: int | 
     numeric = _numeric(view.schema)
     cols = [c for c in (*TEXT_COLUMNS, "image", "output", "finished_at", "setting", "config_hash", *numeric)
             if c in view.column_names]
+    if policy is None:  # sources are read where the output's latest run could read them
+        from pnp_batch.report.write import output_policy
+
+        policy = output_policy(out)
     jobs: dict[str, str] = {}
+    sources: set[str] = set()  # thumbnails of sources: read under the run's input policy
     rows_out = []
     for r in view.select(cols).to_pylist():
         card: dict[str, Any] = {c: r.get(c) for c in TEXT_COLUMNS if c in r}
@@ -91,12 +99,14 @@ def write_browse(out: str, view: pa.Table, page_size: int = 100, threads: int | 
             card["s"] = name
             if name not in have:
                 jobs[name] = str(src)
+                sources.add(name)
         rows_out.append(card)
     if jobs:
         log.info("report: writing %d thumbnails", len(jobs))
         names = sorted(jobs)
         with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
-            made = list(pool.map(lambda n: _make_thumb(jobs[n], storage.join(thumbs, n)), names))
+            made = list(pool.map(lambda n: _make_thumb(jobs[n], storage.join(thumbs, n),
+                                                       policy if n in sources else None), names))
         missing = {n for n, ok in zip(names, made) if not ok}
         for card in rows_out:  # an image that could not be read: its card shows a blank tile
             for k in ("t", "s"):

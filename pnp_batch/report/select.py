@@ -22,11 +22,12 @@ from PIL import Image
 from pnp_batch.errors import UsageError
 from pnp_batch.io import storage
 from pnp_batch.io.images import decode_image
+from pnp_batch.io.inputs import open_row_input
 from pnp_batch.io.results import result_files
 from pnp_batch.io.view import filter_view, latest_view
 from pnp_batch.report.browse import write_browse
 from pnp_batch.report.sheet import SheetEntry, build_contact_sheet
-from pnp_batch.report.write import score_line
+from pnp_batch.report.write import output_policy, score_line
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,13 @@ def choose_rows(view: pa.Table, key: str | None, mode: str | None, n: int | None
     return rows if n is None else rows.slice(0, n)
 
 
-def _thumb(uri: Any, max_pixels: int = 64_000_000) -> Image.Image | None:
+def _thumb(uri: Any, policy: Any = None, max_pixels: int = 64_000_000) -> Image.Image | None:
+    """A thumbnail of an output (``policy`` None: OUT's own file) or of a source (read under ``policy``)."""
     if not uri or uri == "<image_bytes>":
         return None
     try:
-        img = decode_image(storage.read_bytes(str(uri)), max_pixels)
+        data = open_row_input(str(uri), policy) if policy is not None else storage.read_bytes(str(uri))
+        img = decode_image(data, max_pixels)
     except Exception:  # noqa: BLE001 - shown as a blank tile
         return None
     img.thumbnail((SHEET_THUMB * 2, SHEET_THUMB * 2))
@@ -77,8 +80,9 @@ def _thumb(uri: Any, max_pixels: int = 64_000_000) -> Image.Image | None:
 def selection_sheet(out: str, rows: pa.Table, title: str, name: str) -> str:
     """Draw the chosen rows (source, then output with its scores) to OUT/report/{name}.png; returns its URI."""
     entries = []
+    policy = output_policy(out)  # sources are read where the output's latest run could read them
     for r in rows.slice(0, MAX_SHEET_ROWS).to_pylist():
-        src = _thumb(r.get("image")) or Image.new("RGB", (SHEET_THUMB, SHEET_THUMB), (128, 128, 128))
+        src = _thumb(r.get("image"), policy) or Image.new("RGB", (SHEET_THUMB, SHEET_THUMB), (128, 128, 128))
         score = {"status": r.get("eval_status"), "error": r.get("eval_error"), "clip_score": r.get("clip_score"),
                  "clip_score_source": r.get("clip_score_source"), "structure_dist": r.get("structure_dist")}
         note = score_line(score) if r.get("eval_status") else None
