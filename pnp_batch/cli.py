@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", action="store_true", help="also run the data-plane benchmarks")
     b.add_argument("--ip-adapter", action="store_true",
                    help="only the IP-Adapter family: sampling with an adapter against without (docs/ip_adapter.md)")
+    b.add_argument("--export", action="store_true",
+                   help="only the export: rows/s of `pnp-batch export` per format on tiny-model outputs (docs/export.md)")
+    b.add_argument("--export-rows", type=int, default=5000, help="rows of the --export bench (default 5,000)")
     b.add_argument("--eval", action="store_true",
                    help="also time scoring an output (eval_vs_translate; always on for full-size archs on a GPU; "
                    "about two minutes on a CPU with full-size metric models)")
@@ -438,6 +441,10 @@ def cmd_make_test_model(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.export:
+        from pnp_batch.bench.export import run_export_bench
+
+        return run_export_bench(a)
     if a.ip_adapter:
         from pnp_batch.bench.ip_adapter import run_ip_bench
 
