@@ -22,7 +22,7 @@ ALLOWED = {
     "export": {ROOT, "io"},  # pnp-batch export: the view, samples read through io, the format writers
     "engines": {ROOT, "io", "models", "translate", "eval", "report"},
     "inspect": {ROOT, "io", "models", "translate", "report"},  # pnp-batch features
-    "bench": {ROOT, "io", "models", "pnp", "translate", "eval", "engines", "report"},
+    "bench": {ROOT, "io", "models", "pnp", "translate", "eval", "engines", "report", "export"},
 }
 STORAGE_LIBS = ("fsspec", "s3fs", "pyarrow.fs", "boto3", "botocore")
 

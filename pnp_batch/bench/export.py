@@ -15,6 +15,8 @@ import logging
 import shutil
 import statistics
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -32,7 +34,6 @@ FORMATS = ("parquet", "webdataset", "imagefolder")
 
 def _make_output(root: Path, rows: int, resolution: int) -> Path:
     """OUT with `rows` ok rows (tiny-model outputs repeated under new ids, each its own file) and scores."""
-    from pnp_batch.cli import main
     from pnp_batch.io.metrics import ScoreWriter
     from pnp_batch.io.results import ResultWriter, latest_results
 
@@ -46,8 +47,9 @@ def _make_output(root: Path, rows: int, resolution: int) -> Path:
                      for j, p in enumerate(prompts)]
     pq.write_table(pa.Table.from_pylist(manifest), src / "m.parquet")
     out = root / "out"
-    code = main(["run", str(src / "m.parquet"), "--out", str(out), "--pipeline", "tiny", "--set", "steps=4",
-                 "--set", "inversion_steps=4", "--set", f"resolution={resolution}", "--eval", "--no-report"])
+    code = subprocess.run([sys.executable, "-m", "pnp_batch", "run", str(src / "m.parquet"), "--out", str(out),
+                           "--pipeline", "tiny", "--set", "steps=4", "--set", "inversion_steps=4",
+                           "--set", f"resolution={resolution}", "--eval", "--no-report"], check=False).returncode
     if code != 0:
         raise RuntimeError(f"bench --export: the tiny run exited {code}")
     made = latest_results(str(out)).to_pylist()

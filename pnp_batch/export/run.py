@@ -142,7 +142,7 @@ def _finished(dest: str, doc: dict[str, Any] | None, start: int, ids: list[str],
 
 def source_policy(out: str) -> Any:
     """Sources and masks are read where the output's latest run could read them (its input policy)."""
-    from pnp_batch.report.write import output_policy
+    from pnp_batch.io.inputs import output_policy
 
     return output_policy(out)
 

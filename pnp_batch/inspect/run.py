@@ -165,7 +165,7 @@ def run_features(req: FeaturesRequest) -> list[str]:
     from_out = _is_output(req.source)
     cfg = _config(req, _run_config(req.source) if from_out else None)
     if from_out:
-        from pnp_batch.report.write import output_policy
+        from pnp_batch.io.inputs import output_policy
 
         base = output_policy(req.source)
         policy = InputPolicy(base.local_root, (*base.allow_uri, *req.allow_uri),

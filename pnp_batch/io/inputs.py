@@ -45,3 +45,15 @@ def check_row_input(uri: str, policy: InputPolicy) -> str | None:
     except RowError as e:
         return str(e)
     return None
+
+
+def output_policy(out: str) -> InputPolicy:
+    """The input policy of an output's latest run (its manifest's folder, its policy keys): a report
+    reads the sources only where that run could."""
+    from pnp_batch.io.results import read_run_summaries
+
+    manifest, cfg = None, {}
+    for summary in read_run_summaries(out):
+        manifest = summary.get("manifest") or manifest
+        cfg = summary.get("config") or cfg
+    return InputPolicy.for_manifest(manifest, cfg.get("allow_uri") or (), bool(cfg.get("allow_private_network")))

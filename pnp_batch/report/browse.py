@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from pnp_batch.io import storage
 from pnp_batch.io.images import decode_image
-from pnp_batch.io.inputs import open_row_input
+from pnp_batch.io.inputs import open_row_input, output_policy
 from pnp_batch.resources import BROWSE_PAGE
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,6 @@ def write_browse(out: str, view: pa.Table, page_size: int = 100, threads: int | 
     cols = [c for c in (*TEXT_COLUMNS, "image", "output", "finished_at", "setting", "config_hash", *numeric)
             if c in view.column_names]
     if policy is None:  # sources are read where the output's latest run could read them
-        from pnp_batch.report.write import output_policy
-
         policy = output_policy(out)
     jobs: dict[str, str] = {}
     sources: set[str] = set()  # thumbnails of sources: read under the run's input policy

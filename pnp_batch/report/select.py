@@ -22,12 +22,12 @@ from PIL import Image
 from pnp_batch.errors import UsageError
 from pnp_batch.io import storage
 from pnp_batch.io.images import decode_image
-from pnp_batch.io.inputs import open_row_input
+from pnp_batch.io.inputs import open_row_input, output_policy
 from pnp_batch.io.results import result_files
 from pnp_batch.io.view import filter_view, latest_view
 from pnp_batch.report.browse import write_browse
 from pnp_batch.report.sheet import SheetEntry, build_contact_sheet
-from pnp_batch.report.write import output_policy, score_line
+from pnp_batch.report.write import score_line
 
 log = logging.getLogger(__name__)
 

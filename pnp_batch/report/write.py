@@ -12,11 +12,11 @@ from PIL import Image
 from pnp_batch.config import PipelineConfig
 from pnp_batch.io import storage
 from pnp_batch.io.images import decode_image
-from pnp_batch.io.inputs import open_row_input
+from pnp_batch.io.inputs import open_row_input, output_policy
 from pnp_batch.io.metrics import ok_scores
 from pnp_batch.io.output_paths import located
 from pnp_batch.io.policy import InputPolicy
-from pnp_batch.io.results import latest_results, read_run_summaries
+from pnp_batch.io.results import latest_results
 from pnp_batch.report.sheet import SheetEntry, build_contact_sheet, build_html
 from pnp_batch.report.tradeoff import tradeoff_png, tradeoff_points
 
@@ -206,16 +206,6 @@ def write_tradeoff(out: str) -> str | None:
                               json.dumps([p.summary() for p in points], indent=2) + "\n")
     log.info("trade-off plot: %s", uri)
     return uri
-
-
-def output_policy(out: str) -> InputPolicy:
-    """The input policy of an output's latest run (its manifest's folder, its policy keys): a report
-    reads the sources only where that run could."""
-    manifest, cfg = None, {}
-    for summary in read_run_summaries(out):
-        manifest = summary.get("manifest") or manifest
-        cfg = summary.get("config") or cfg
-    return InputPolicy.for_manifest(manifest, cfg.get("allow_uri") or (), bool(cfg.get("allow_private_network")))
 
 
 def write_sweep_reports(out: str, max_pixels: int = 64_000_000, sheet: bool = True,
