@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ip-adapter", action="store_true",
                    help="also write a random-weight IP-Adapter and image encoder for it in DIR/ip_adapter")
 
+    from pnp_batch.masks.pie_bench import add_manifest_args
+
+    add_manifest_args(sub)  # pnp-batch manifest from-pie-bench (docs/masks.md)
+
     b = sub.add_parser("bench", help="side-by-side cost benchmark (see README)")
     b.add_argument("--arch", default="tiny", help="tiny, sd21-base (random weights, full size), sd15 or sdxl")
     b.add_argument("--device", default="auto")
@@ -186,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--export", action="store_true",
                    help="only the export: rows/s of `pnp-batch export` per format on tiny-model outputs (docs/export.md)")
     b.add_argument("--export-rows", type=int, default=5000, help="rows of the --export bench (default 5,000)")
+    b.add_argument("--masks", action="store_true",
+                   help="only region edits: sampling with a mask against without, and mask_mode auto's UNet cost "
+                   "(docs/masks.md)")
     b.add_argument("--eval", action="store_true",
                    help="also time scoring an output (eval_vs_translate; always on for full-size archs on a GPU; "
                    "about two minutes on a CPU with full-size metric models)")
@@ -445,6 +452,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
         from pnp_batch.bench.export import run_export_bench
 
         return run_export_bench(a)
+    if a.masks:
+        from pnp_batch.bench.masks import run_masks_bench
+
+        return run_masks_bench(a)
     if a.ip_adapter:
         from pnp_batch.bench.ip_adapter import run_ip_bench
 
@@ -454,8 +465,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return run_bench(a)
 
 
+def cmd_manifest(a: argparse.Namespace) -> int:
+    from pnp_batch.masks.pie_bench import cmd_manifest as convert
+
+    return convert(a)
+
+
 VERBS = {
     "run": cmd_run,
+    "manifest": cmd_manifest,
     "eval": cmd_eval,
     "validate": cmd_validate,
     "status": cmd_status,

@@ -15,6 +15,7 @@ import yaml
 
 from pnp_batch.errors import UsageError
 from pnp_batch.ip_keys import IP_KEYS, IP_LITERAL_KEYS, IP_SCALE, check_ip_keys, ip_hash_part, parse_ip_scale
+from pnp_batch.mask_keys import MASK_KEYS, MaskKeyError, check_mask_keys, mask_hash_part, parse_mask_value
 from pnp_batch.resources import PRESET_DIR
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -89,6 +90,15 @@ class PipelineConfig:
     ip_adapter_subfolder: str = ""
     ip_adapter_image_encoder: str = "image_encoder"
     ip_adapter_scale: Any = 1.0
+    # Region edits (mask_keys.py, docs/masks.md): "none" = the whole frame, as before
+    mask_mode: str = "none"
+    mask_threshold: float = 0.5
+    mask_strength: float = 0.5
+    mask_samples: int = 10
+    mask_blend_until: float = 1.0
+    mask_dilate: int = 0
+    mask_feather: int = 0
+    mask_paste: bool = False
     # Metric models of `pnp-batch eval` and `run --eval` (hub id, local folder, or tiny-clip/tiny-dino);
     # they score images, they do not change them, so they stay out of the config hash.
     eval_clip_model: str = "openai/clip-vit-large-patch14"
@@ -131,6 +141,10 @@ class PipelineConfig:
         for k in IP_KEYS:
             d.pop(k, None)
         d.update(ip)
+        masks = mask_hash_part(d)  # likewise the mask keys: only with a mask_mode
+        for k in MASK_KEYS:
+            d.pop(k, None)
+        d.update(masks)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -257,7 +271,7 @@ def validate(cfg: PipelineConfig) -> None:
         source, scale = parse_lora(spec)
         if not source or not -10.0 <= scale <= 10.0:
             raise ConfigError(f"lora entry {spec!r} must be PATH_OR_ID[:SCALE] with a scale from -10 to 10")
-    err = _steps_error(cfg) or check_ip_keys(cfg.to_dict())
+    err = _steps_error(cfg) or check_ip_keys(cfg.to_dict()) or check_mask_keys(cfg.to_dict())
     if err:
         raise ConfigError(err)
 
@@ -363,6 +377,11 @@ def _coerce(key: str, value: Any) -> Any:
         return _coerce_lora(value)
     if key == "allow_uri":
         return _coerce_list(key, value, "URI prefixes, e.g. [s3://bucket/, /data/images/]")
+    if key in MASK_KEYS:
+        try:
+            return parse_mask_value(key, value)
+        except MaskKeyError as e:
+            raise ConfigError(str(e)) from None
     if key == IP_SCALE:
         try:
             return parse_ip_scale(value)

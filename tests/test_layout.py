@@ -16,7 +16,8 @@ ALLOWED = {
     "io": {ROOT},
     "models": {ROOT},
     "pnp": {ROOT},
-    "translate": {ROOT, "io", "models", "pnp", "eval"},  # run --eval: the worker scores its rows
+    "masks": {ROOT, "io", "pnp"},  # region edits: masks given or found, framed, blended, pasted
+    "translate": {ROOT, "io", "models", "pnp", "eval", "masks"},  # run --eval: the worker scores its rows
     "eval": {ROOT, "io", "models"},
     "report": {ROOT, "io"},
     "export": {ROOT, "io"},  # pnp-batch export: the view, samples read through io, the format writers

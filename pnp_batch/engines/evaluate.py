@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # Keys `pnp-batch eval --set` takes: the metric models, and where they run.
 EVAL_SET_KEYS = ("eval_clip_model", "eval_clip_revision", "eval_dino_model", "eval_dino_revision", "device", "dtype")
-TODO_COLUMNS = ["id", "config_hash", "target_prompt", "output", "image"]
+TODO_COLUMNS = ["id", "config_hash", "target_prompt", "output", "image", "mask"]
 BATCH_ROWS = 16  # rows per scoring call (one CLIP and one DINO forward per image size)
 SHARD_ROWS = 1000
 FLUSH_SECONDS = 30.0
@@ -88,7 +88,8 @@ def plan_eval(req: EvalRequest) -> EvalPlan:
             log.debug("the latest run's config does not load (%s); using the default metric models", e)
     cfg = with_overrides(base, req.overrides, allowed=EVAL_SET_KEYS)
     latest = latest_results(req.out, [c for c in TODO_COLUMNS if c != "id"] + ["status"])
-    ok = latest.filter(pc.equal(latest.column("status"), "ok")).select(TODO_COLUMNS)
+    ok = latest.filter(pc.equal(latest.column("status"), "ok"))
+    ok = ok.select([c for c in TODO_COLUMNS if c in ok.column_names])  # outputs before masks have no mask column
     if not req.overwrite:
         done = scored_keys(req.out)
         keep = [(i, h) not in done for i, h in zip(ok.column("id").to_pylist(), ok.column("config_hash").to_pylist())]
@@ -99,6 +100,9 @@ def plan_eval(req: EvalRequest) -> EvalPlan:
         todo = todo.slice(0, req.limit)
     outputs = [located(req.out, o) for o in todo.column("output").to_pylist()]  # relative to OUT when recorded so
     todo = todo.set_column(todo.schema.get_field_index("output"), "output", pa.array(outputs, pa.string()))
+    if "mask" in todo.column_names:  # region edits: the mask as applied, found like the output
+        masks = [located(req.out, m, "masks") for m in todo.column("mask").to_pylist()]
+        todo = todo.set_column(todo.schema.get_field_index("mask"), "mask", pa.array(masks, pa.string()))
     policy = InputPolicy.for_manifest(manifest, (*base.allow_uri, *req.allow_uri),
                                       base.allow_private_network or req.allow_private_network)
     return EvalPlan(cfg=cfg, todo=todo, ok_rows=ok.num_rows, preprocessing=configs, policy=policy)

@@ -13,6 +13,7 @@ import numpy as np
 from pnp_batch.config import PipelineConfig
 from pnp_batch.engines import resume
 from pnp_batch.engines.stop import DEFAULT_GRACE
+from pnp_batch.errors import UsageError
 from pnp_batch.io import storage
 from pnp_batch.io.done_index import DoneIndex
 from pnp_batch.io.lease import DEFAULT_TTL
@@ -178,6 +179,9 @@ def open_checked(req: RunRequest) -> tuple[Manifest, int]:
     row count under --limit (which counts manifest rows: with a sweep, each is a grid of rows)."""
     resume.check_out_outside(req.manifest, req.out)
     manifest = open_run_manifest(req)
+    if req.cfg.mask_mode == "manifest" and not {"mask", "mask_bytes"} & set(manifest.columns):
+        raise UsageError(f"mask_mode: manifest needs a 'mask' or 'mask_bytes' column; {req.manifest} has: "
+                         f"{', '.join(manifest.columns)} (docs/masks.md)")
     total = manifest.check_ids()
     if req.row_limit is not None:
         total = min(total, req.row_limit)

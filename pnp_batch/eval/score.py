@@ -20,6 +20,7 @@ from typing import Any
 from PIL.Image import Image
 
 from pnp_batch.config import PipelineConfig
+from pnp_batch.eval.background import background_metrics, blacked_out, read_mask_pixels
 from pnp_batch.eval.metrics import clip_score, structure_dist
 from pnp_batch.eval.models import MetricModels, load_metric_models
 from pnp_batch.io import storage
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 NO_SOURCE_NOTE = ("the source was given as image_bytes in the manifest and is not stored in OUT: "
                   "clip_score_source and structure_dist not computed (run --eval scores them from memory)")
 IMAGE_BYTES = "<image_bytes>"
+BACKGROUND_KEYS = ("bg_psnr", "bg_mse", "bg_ssim", "clip_score_edited")  # rows with a mask (eval/background.py)
 
 
 @dataclass
@@ -49,6 +51,7 @@ class ScoreItem:
     source: Image | None = None
     error: str | None = None
     note: str | None = None
+    mask: Any = None  # (H, W) float in [0, 1], 0 = kept (region edits): the background metrics are computed
 
 
 def load_scorer(cfg: PipelineConfig, device: str | None = None) -> Scorer:
@@ -77,6 +80,7 @@ class Scorer:
             "id": item.id, "config_hash": item.config_hash, "status": status, "error": error,
             "clip_score": scores.get("clip_score"), "clip_score_source": scores.get("clip_score_source"),
             "structure_dist": scores.get("structure_dist"),
+            **{k: scores.get(k) for k in BACKGROUND_KEYS},
             "clip_model": m.clip_model, "clip_revision": m.clip_revision,
             "dino_model": m.dino_model, "dino_revision": m.dino_revision,
             "scored_at": datetime.now(timezone.utc),
@@ -100,6 +104,7 @@ class Scorer:
                     self.models, [items[i].source for i in with_src], [items[i].target_prompt for i in with_src])))
                 struct = dict(zip(with_src, structure_dist(
                     self.models, [items[i].source for i in with_src], [items[i].output for i in with_src])))
+                region = _region_scores(self.models, items, with_src)
             except Exception as e:  # noqa: BLE001 - these rows fail scoring; the run goes on
                 log.warning("scoring %d rows failed: %s", len(good), _reason(e))
                 for i in good:
@@ -107,8 +112,22 @@ class Scorer:
             else:
                 for i, c in zip(good, clip):
                     out[i] = self._record(items[i], "ok", items[i].note, clip_score=c,
-                                          clip_score_source=src_clip.get(i), structure_dist=struct.get(i))
+                                          clip_score_source=src_clip.get(i), structure_dist=struct.get(i),
+                                          **region.get(i, {}))
         return out  # type: ignore[return-value]
+
+
+def _region_scores(models: MetricModels, items: Sequence[ScoreItem], with_src: list[int]) -> dict[int, dict]:
+    """The background metrics and clip_score_edited of the items with a source and a mask."""
+    masked = [i for i in with_src if items[i].mask is not None]
+    if not masked:
+        return {}
+    out = {i: background_metrics(items[i].output, items[i].source, items[i].mask) for i in masked}
+    edited = clip_score(models, [blacked_out(items[i].output, items[i].mask) for i in masked],
+                        [items[i].target_prompt for i in masked])
+    for i, c in zip(masked, edited):
+        out[i]["clip_score_edited"] = c
+    return out
 
 
 @dataclass(frozen=True)
@@ -134,14 +153,16 @@ def prepare_source(data: bytes, prep: Preprocessing) -> Image | Exception:
 
 
 def score_decoded(scorer: Scorer, ids: Sequence[str], prompts: Sequence[str], config_hash: str,
-                  images: Sequence[Any], source: Image | Exception | None) -> list[dict[str, Any]]:
+                  images: Sequence[Any], source: Image | Exception | None,
+                  masks: Sequence[Any] | None = None) -> list[dict[str, Any]]:
     """Score rows of one group from their decoded HxWx3 uint8 images in memory and their shared
     prepared source (an exception: the rows' scores fail with its reason) - run --eval's path."""
     from PIL import Image as PILImage
 
     items = []
-    for rid, prompt, img in zip(ids, prompts, images):
-        item = ScoreItem(id=rid, config_hash=config_hash, target_prompt=prompt, output=PILImage.fromarray(img, "RGB"))
+    for j, (rid, prompt, img) in enumerate(zip(ids, prompts, images)):
+        item = ScoreItem(id=rid, config_hash=config_hash, target_prompt=prompt, output=PILImage.fromarray(img, "RGB"),
+                         mask=masks[j] if masks is not None else None)
         if isinstance(source, Exception):
             item.error = f"source image cannot be prepared for scoring: {_reason(source)}"
         else:
@@ -161,6 +182,12 @@ def read_item(row: dict[str, Any], prep: Preprocessing | None, sources: dict[tup
     except Exception as e:  # noqa: BLE001 - recorded as this row's eval failure
         item.error = f"output image unreadable ({row.get('output')}): {_reason(e)}"
         return item
+    if row.get("mask"):  # a region edit: OUT's own file, as recorded (engines/evaluate.py locates it)
+        try:
+            item.mask = read_mask_pixels(storage.read_bytes(row["mask"]))
+        except Exception as e:  # noqa: BLE001 - recorded as this row's eval failure
+            item.error = f"mask unreadable ({row.get('mask')}): {_reason(e)}"
+            return item
     src = row.get("image")
     if not src or src == IMAGE_BYTES:
         item.note = NO_SOURCE_NOTE

@@ -15,20 +15,37 @@ from pnp_batch.ip_keys import IP_SCALE, IPScaleError, parse_ip_scale, scale_key
 
 def ip_fields(rec: dict[str, Any], base_dir: str) -> tuple[str | None, bytes | None, list[str]]:
     """(ip_image resolved against the manifest's folder, ip_image_bytes, problems) of a manifest record."""
+    return file_fields(rec, base_dir, "ip_image")
+
+
+def file_fields(rec: dict[str, Any], base_dir: str, name: str) -> tuple[str | None, bytes | None, list[str]]:
+    """(`name` resolved against the manifest's folder, `name`_bytes, problems) of a manifest record: a
+    file a row names besides its source (an image prompt, a mask), as a URI or as bytes (base64 text in
+    CSV / JSON Lines)."""
     problems: list[str] = []
-    uri = rec.get("ip_image") or None
-    raw = rec.get("ip_image_bytes")
+    uri = rec.get(name) or None
+    raw = rec.get(f"{name}_bytes")
     data: bytes | None = None
     if isinstance(raw, str):
         try:
             data = base64.b64decode(raw, validate=True)
         except (binascii.Error, ValueError):
-            problems.append("ip_image_bytes is text but not base64")
+            problems.append(f"{name}_bytes is text but not base64")
     elif raw is not None:
         data = bytes(raw)
     if uri is not None and data is not None:
-        problems.append("ip_image and ip_image_bytes are both set: give one")
+        problems.append(f"{name} and {name}_bytes are both set: give one")
     return (storage.resolve(base_dir, uri) if uri is not None else None), data, problems
+
+
+def file_id_part(rec: dict[str, Any], name: str) -> str | None:
+    """What a file column adds to a derived id: the URI as written or the sha256 of its bytes; None
+    when the row has neither (ids of manifests without the column stay as they were)."""
+    uri = rec.get(name) or None
+    raw = rec.get(f"{name}_bytes")
+    if raw is not None:
+        return "sha256:" + hashlib.sha256(raw.encode() if isinstance(raw, str) else bytes(raw)).hexdigest()
+    return uri
 
 
 def ip_scale_override(rec: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

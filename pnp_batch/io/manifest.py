@@ -32,7 +32,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pnp_batch.io import storage
-from pnp_batch.io.image_prompts import ip_fields, ip_id_part, ip_scale_override
+from pnp_batch.io.image_prompts import file_fields, file_id_part, ip_fields, ip_id_part, ip_scale_override
 from pnp_batch.io.manifest_schema import (
     FLOAT_COLUMNS,
     KNOWN_COLUMNS,
@@ -209,10 +209,16 @@ class Manifest(RowStream):
         ip_image, ip_image_bytes, ip_read_problems = ip_fields(rec, self.base_dir)
         overrides.update(ip_scale)
         problems.extend(ip_problems + ip_read_problems)
+        mask, mask_bytes, mask_problems = file_fields(rec, self.base_dir, "mask")  # region edits (docs/masks.md)
+        problems.extend(mask_problems)
         rid = rec.get("id")
         if rid is None or rid == "":
             ref = image if image_bytes is None else hashlib.sha256(image_bytes).hexdigest()
-            rid = derive_id(ref, source_prompt, target_prompt, overrides, ip_id_part(rec, overrides))
+            extra_part = ip_id_part(rec, overrides)
+            mask_part = file_id_part(rec, "mask")
+            if mask_part is not None:  # ids of rows without a mask stay as they were
+                extra_part = [extra_part, "mask", mask_part]
+            rid = derive_id(ref, source_prompt, target_prompt, overrides, extra_part)
         else:
             rid = str(rid)
             if not _ID_RE.fullmatch(rid):
@@ -234,6 +240,8 @@ class Manifest(RowStream):
             error="; ".join(problems) if problems else None,
             ip_image=ip_image,
             ip_image_bytes=ip_image_bytes,
+            mask=mask,
+            mask_bytes=mask_bytes,
         )
 
     def iter_id_batches(self, limit: int | None = None) -> Iterator[tuple[int, pa.Array]]:

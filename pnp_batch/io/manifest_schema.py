@@ -20,7 +20,10 @@ FLOAT_COLUMNS = ("guidance_scale", "pnp_f_t", "pnp_attn_t")
 # Image prompts of an IP-Adapter run (docs/ip_adapter.md): a URI or the bytes, and a per-row scale (a
 # number, or diffusers' per-block form as JSON text).
 IP_COLUMNS = ("ip_image", "ip_image_bytes", "ip_adapter_scale")
-KNOWN_COLUMNS = ("id", "image", "image_bytes", "source_prompt", "target_prompt", *OVERRIDE_COLUMNS, *IP_COLUMNS)
+# A row's edit mask (docs/masks.md): a URI of an image (white or non-zero = edit here) or its bytes.
+MASK_COLUMNS = ("mask", "mask_bytes")
+KNOWN_COLUMNS = ("id", "image", "image_bytes", "source_prompt", "target_prompt", *OVERRIDE_COLUMNS, *IP_COLUMNS,
+                 *MASK_COLUMNS)
 
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 CSV_SUFFIXES = (".csv", ".tsv")
@@ -59,9 +62,9 @@ def check_schema(schema: pa.Schema, where: str) -> None:
             continue
         if f.name == "id":
             ok = _is_string(t) or pa.types.is_integer(t)
-        elif f.name in ("image_bytes", "ip_image_bytes"):
+        elif f.name in ("image_bytes", "ip_image_bytes", "mask_bytes"):
             ok = _is_binary(t) or _is_string(t)
-        elif f.name == "ip_image":
+        elif f.name in ("ip_image", "mask"):
             ok = _is_string(t)
         elif f.name == "ip_adapter_scale":
             ok = pa.types.is_integer(t) or pa.types.is_floating(t) or _is_string(t)
@@ -74,7 +77,8 @@ def check_schema(schema: pa.Schema, where: str) -> None:
         if not ok:
             want = {
                 "id": "string", "image_bytes": "binary", "seed": "integer", "ip_image": "string",
-                "ip_image_bytes": "binary", "ip_adapter_scale": "number or JSON text",
+                "ip_image_bytes": "binary", "ip_adapter_scale": "number or JSON text", "mask": "string",
+                "mask_bytes": "binary",
             }.get(f.name, "string" if f.name in STRING_COLUMNS else "number")
             wrong.append(f"'{f.name}' is {t}, expected {want}")
     if wrong:
@@ -104,8 +108,8 @@ CSV_NUMERIC = {"seed": pa.int64(), **{c: pa.float64() for c in FLOAT_COLUMNS}}
 
 def csv_convert_options(cols: list[str] | None = None, names: list[str] | None = None) -> pacsv.ConvertOptions:
     """Every column as text (an empty cell is null); the numeric columns are typed by :func:`csv_typed`."""
-    types: dict[str, pa.DataType] = {c: pa.string() for c in (*STRING_COLUMNS, "image_bytes", "ip_image", "ip_image_bytes",
-                                                               *CSV_NUMERIC)}
+    text = (*STRING_COLUMNS, "image_bytes", "ip_image", "ip_image_bytes", "mask", "mask_bytes")
+    types: dict[str, pa.DataType] = {c: pa.string() for c in (*text, *CSV_NUMERIC)}
     types.update({c: pa.string() for c in names or ()})
     return pacsv.ConvertOptions(
         column_types=types,
@@ -183,7 +187,7 @@ def _json_schema(fh: Any, sample_lines: int = 10_000) -> pa.Schema:
                     inferred[k] = pa.string()
     fields = []
     for k in names:
-        if k in STRING_COLUMNS or k in ("image_bytes", "ip_image", "ip_image_bytes"):
+        if k in STRING_COLUMNS or k in ("image_bytes", "ip_image", "ip_image_bytes", "mask", "mask_bytes"):
             t = inferred.get(k, pa.string())
             if not (_is_string(t) or pa.types.is_integer(t)):
                 fields.append(pa.field(k, t))

@@ -31,6 +31,10 @@ SCORE_SCHEMA = pa.schema(
         ("clip_score", pa.float64()),
         ("clip_score_source", pa.float64()),
         ("structure_dist", pa.float64()),
+        ("bg_psnr", pa.float64()),  # region edits (docs/masks.md): over the unedited region, rows with a mask
+        ("bg_mse", pa.float64()),
+        ("bg_ssim", pa.float64()),
+        ("clip_score_edited", pa.float64()),
         ("clip_model", pa.string()),
         ("clip_revision", pa.string()),
         ("dino_model", pa.string()),
@@ -40,6 +44,8 @@ SCORE_SCHEMA = pa.schema(
 )
 SCORE_COLUMNS = tuple(SCORE_SCHEMA.names)
 METRICS = ("clip_score", "clip_score_source", "structure_dist")
+# Region edits only (docs/masks.md): shown where some row of a setting has them.
+REGION_METRICS = ("bg_psnr", "bg_mse", "bg_ssim", "clip_score_edited")
 EVAL_FOLDER = "eval"
 
 
@@ -86,7 +92,11 @@ def read_all_scores(out_uri: str) -> pa.Table:
         t = _read_file(f)
         tables.append(t.select([c for c in SCORE_COLUMNS if c in t.column_names]))
         index.extend([i] * t.num_rows)
-    table = _concat(tables).cast(SCORE_SCHEMA)
+    table = _concat(tables)
+    for f in SCORE_SCHEMA:  # columns added later (the background metrics): null in older shards
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    table = table.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA)
     keys = pa.table({
         "t": pc.fill_null(table.column("scored_at").cast(pa.int64()), -(2**63)),
         "s": pa.array(index, pa.int64()),
@@ -155,7 +165,8 @@ def _stats(values: list[float | None]) -> MetricStats | None:
     arr = np.array([v for v in values if v is not None], dtype=np.float64)
     if arr.size == 0:
         return None
-    p10, median, p90 = np.quantile(arr, [0.1, 0.5, 0.9])
+    with np.errstate(invalid="ignore"):  # bg_psnr is infinite where the kept region is exact
+        p10, median, p90 = np.quantile(arr, [0.1, 0.5, 0.9])
     return MetricStats(int(arr.size), float(arr.mean()), float(median), float(p10), float(p90))
 
 
@@ -182,7 +193,8 @@ def score_stats(out_uri: str) -> list[SettingScores]:
         ok = [r for r in recs if r["status"] == "ok"]
         out.append(SettingScores(
             setting=name,
-            metrics={m: _stats([r[m] for r in ok]) for m in METRICS},
+            metrics={**{m: _stats([r[m] for r in ok]) for m in METRICS},
+                     **{m: st for m in REGION_METRICS if (st := _stats([r.get(m) for r in ok])) is not None}},
             failed=len(recs) - len(ok),
         ))
     return out
@@ -200,7 +212,7 @@ def format_score_stats(stats: list[SettingScores]) -> str:
             if st is None:
                 lines.append(f"    {name:<18} {0:>6} {'-':>9} {'-':>9} {'-':>9} {'-':>9}")
                 continue
-            digits = 4 if name == "structure_dist" else 2
+            digits = 4 if name in ("structure_dist", "bg_ssim") else 2
             vals = " ".join(f"{v:>9.{digits}f}" for v in (st.mean, st.median, st.p10, st.p90))
             lines.append(f"    {name:<18} {st.count:>6} {vals}")
     return "\n".join(lines)

@@ -14,11 +14,11 @@ def output_uri(out: str, row_id: str, fmt: str) -> str:
     return storage.join(out, "images", f"{row_id}.{EXTENSIONS[fmt]}")
 
 
-def located(out: str, recorded: str | None) -> str | None:
+def located(out: str, recorded: str | None, folder: str = "images") -> str | None:
     """Where a record's output image is now. A run given a relative ``--out`` records relative paths,
     relative to the directory it ran in; read later from anywhere else (``features``, ``eval``,
-    ``report`` on OUT), such a path is taken as OUT/images/<its name>. URIs and absolute paths are
-    kept as recorded."""
+    ``report`` on OUT), such a path is taken as OUT/<folder>/<its name> (``images``; ``masks`` for a
+    region edit's mask). URIs and absolute paths are kept as recorded."""
     if not recorded or storage.is_remote(recorded) or os.path.isabs(os.path.expanduser(recorded)):
         return recorded
-    return storage.join(out, "images", storage.basename(recorded))
+    return storage.join(out, folder, storage.basename(recorded))

@@ -49,6 +49,7 @@ def row_record(row: Row, cfg: PipelineConfig, status: str, model: str, worker: s
         "work_key": row.work_key,
         "image_sha256": None,
         "output_sha256": None,
+        "mask": None,
     }
     unknown = set(fields) - set(rec)
     if unknown:

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 # The results schema, versioned: every shard is written with exactly these columns and types (null
 # or not), then the pass-through columns typed from the manifest's schema. A later version only
 # adds columns (at the end), so shards of every version read as one dataset. docs/results.md.
-RESULTS_SCHEMA_VERSION = 2  # 2: work_key, image_sha256, output_sha256 (docs/resume.md)
+RESULTS_SCHEMA_VERSION = 3  # 2: work_key, image_sha256, output_sha256 (docs/resume.md); 3: mask (docs/masks.md)
 SCHEMA_VERSION_KEY = b"pnp_batch.results_schema_version"
 RESULT_SCHEMA = pa.schema(
     [
@@ -68,6 +68,7 @@ RESULT_SCHEMA = pa.schema(
         ("work_key", pa.string()),
         ("image_sha256", pa.string()),
         ("output_sha256", pa.string()),
+        ("mask", pa.string()),  # OUT/masks/{id}.png: the row's mask as applied (region edits), else null
     ],
     metadata={SCHEMA_VERSION_KEY: str(RESULTS_SCHEMA_VERSION).encode()},
 )

@@ -35,6 +35,10 @@ class Row:
     # for both: a text-only row.
     ip_image: str | None = None
     ip_image_bytes: bytes | None = None
+    # The row's edit mask (mask_mode: manifest, docs/masks.md): a resolved URI or the bytes; None for both:
+    # no mask given.
+    mask: str | None = None
+    mask_bytes: bytes | None = None
 
     @cached_property
     def source_key(self) -> str:

@@ -29,15 +29,17 @@ from pnp_batch.errors import UsageError
 from pnp_batch.io.manifest import BATCH_ROWS, Manifest, ManifestError, RowStream
 from pnp_batch.io.rows import Row
 from pnp_batch.ip_keys import parse_ip_scale
+from pnp_batch.mask_keys import MASK_SLUGS, MASK_SWEEP_KEYS, MaskKeyError, parse_mask_value
 
-SWEEP_KEYS = (*ROW_OVERRIDES, *GROUP_KEYS)
+SWEEP_KEYS = (*ROW_OVERRIDES, *GROUP_KEYS, *MASK_SWEEP_KEYS)
 SWEEP_COLUMNS = ("source_id", "setting")
 MAX_GRID = 10_000  # settings per row above which --yes is required
 MAX_ID = 128
 _FLOAT_KEYS = ("guidance_scale", "pnp_f_t", "pnp_attn_t")
 # short names of the swept keys in derived ids (`row7.gs5_attn0.25_ft0.4`)
 SLUG_NAMES = {"guidance_scale": "gs", "pnp_f_t": "ft", "pnp_attn_t": "attn", "seed": "seed", "negative_prompt": "neg",
-              "negative_prompt_mode": "negmode", "pnp_feature_blocks": "fblocks", "pnp_attn_layers": "alayers"}
+              "negative_prompt_mode": "negmode", "pnp_feature_blocks": "fblocks", "pnp_attn_layers": "alayers",
+              **MASK_SLUGS}
 _RAW_SLUG = re.compile(r"[A-Za-z0-9-]{1,24}")
 
 
@@ -119,6 +121,11 @@ def _parse_value(key: str, text: str, cfg: PipelineConfig) -> Any:
             raise SweepError(f"--sweep {key}: {text!r} is not a number") from None
         if not math.isfinite(value):
             raise SweepError(f"--sweep {key}: {text!r} is not a finite number")
+    elif key in MASK_SWEEP_KEYS:  # region edits (mask_keys.py)
+        try:
+            value = parse_mask_value(key, text)
+        except MaskKeyError as e:
+            raise SweepError(f"--sweep {key}: {e}") from None
     elif key == "ip_adapter_scale":  # a number or diffusers' per-block form (ip_keys.py)
         try:
             value = parse_ip_scale(text)
@@ -153,6 +160,8 @@ def parse_sweeps(items: list[str], cfg: PipelineConfig, yes: bool = False) -> Sw
             raise SweepError(f"--sweep: unknown key {key!r}; sweepable keys: {', '.join(SWEEP_KEYS)}")
         if key in parsed:
             raise SweepError(f"--sweep {key} is given twice; list all its values in one --sweep")
+        if key in MASK_SWEEP_KEYS and cfg.mask_mode == "none":
+            raise SweepError(f"--sweep {key}: masks are off (mask_mode: none); set mask_mode to manifest or auto")
         texts = [t.strip() for t in rest.split(",")]
         if not rest.strip() or any(not t for t in texts):
             raise SweepError(f"--sweep {item!r}: empty value list or empty value (values are comma-separated)")

@@ -130,14 +130,14 @@ def _maybe_problem(batch: pa.RecordBatch, max_prompt_tokens: int) -> np.ndarray:
     flag(pc.invert(has_image))
     # the input policy (io/policy.py) looks at every URI but a plain relative path inside the manifest's
     # folder or an s3:// object: absolute paths, file://, http(s), '..' and other schemes row by row
-    for uri_col in ("image", "ip_image"):
+    for uri_col in ("image", "ip_image", "mask"):
         if uri_col not in names:
             continue
         text = batch.column(uri_col).cast(pa.string())
         flag(pc.match_substring_regex(text, r"^(?:/|~)|(?:^|[/\\])\.\.(?:[/\\]|$)"))
         flag(pc.and_kleene(pc.match_substring_regex(text, r"^[A-Za-z][A-Za-z0-9+.-]*:"),
                            pc.invert(pc.match_substring_regex(text, r"^s3a?://[^/]"))))
-    for name in ("ip_image_bytes", "ip_adapter_scale"):  # rare columns: their rows are looked at one by one
+    for name in ("ip_image_bytes", "ip_adapter_scale", "mask_bytes"):  # rare columns: their rows are looked at one by one
         if name in names:
             flag(pc.is_valid(batch.column(name)))
     target = batch.column("target_prompt").cast(pa.string()) if "target_prompt" in names else pa.nulls(n, pa.string())
@@ -216,6 +216,9 @@ def validate_manifest(
                 if not refused and row.ip_image and row.ip_image_bytes is None:
                     refused = check_row_input(row.ip_image, policy)
                     refused = f"ip_image: {refused}" if refused else None
+                if not refused and row.mask and row.mask_bytes is None:
+                    refused = check_row_input(row.mask, policy)
+                    refused = f"mask: {refused}" if refused else None
                 if refused:
                     report.add_problem(row.id, row.index, refused)
                     continue

@@ -29,11 +29,11 @@ import pyarrow.compute as pc
 WORK_KEY_COLUMNS: tuple[str, ...] = (
     "image", "image_bytes", "source_prompt", "target_prompt",
     "negative_prompt", "seed", "guidance_scale", "pnp_f_t", "pnp_attn_t",
-    "ip_image", "ip_image_bytes", "ip_adapter_scale",
+    "ip_image", "ip_image_bytes", "ip_adapter_scale", "mask", "mask_bytes",
 )
 # A URI column and the binary column that replaces it: (path column, bytes column). When both hold a value
 # in one row, the bytes are used, hashed, and the path is left out of the key.
-BYTES_COLUMNS: dict[str, str] = {"image": "image_bytes", "ip_image": "ip_image_bytes"}
+BYTES_COLUMNS: dict[str, str] = {"image": "image_bytes", "ip_image": "ip_image_bytes", "mask": "mask_bytes"}
 PATH_COLUMNS: tuple[str, ...] = tuple(BYTES_COLUMNS)
 KEY_CHARS = 32  # hex characters of a work key (128 bits)
 _SEP = "\x1e"

@@ -36,6 +36,31 @@ class Target:
     blend_alphas: tuple[float, ...] | None = None  # per-step alpha for "blend" negative prompting
 
 
+@dataclass(frozen=True)
+class Region:
+    """Where each target may change (docs/masks.md): after step i, outside its mask a target's latent
+    takes the source's inverted latent of the next timestep, ``x = src + m * (x - src)``, and exactly ``x``
+    where m is 1. `per_step[i]` is the (K, 1, h, w) mask tensor to blend with after step i, or None when no
+    target blends then (a target whose blending has ended counts as all ones). Made before the loop: the
+    loop adds no host-device synchronisation."""
+
+    per_step: tuple[torch.Tensor | None, ...]
+
+    @classmethod
+    def of(cls, masks: torch.Tensor, until: list[int], steps: int) -> Region:
+        """`masks` (K, 1, h, w) in [0, 1]; target j blends after steps i < until[j] (and never after the
+        last step, which has no next source latent)."""
+        ones = torch.ones_like(masks[0])
+        out: list[torch.Tensor | None] = []
+        cache: dict[tuple[bool, ...], torch.Tensor | None] = {}
+        for i in range(steps):
+            active = tuple(i < u and i + 1 < steps for u in until)
+            if active not in cache:
+                cache[active] = torch.stack([m if a else ones for m, a in zip(masks, active)]) if any(active) else None
+            out.append(cache[active])
+        return cls(tuple(out))
+
+
 @dataclass
 class SampleOutput:
     latents: torch.Tensor  # (K, C, h, w), float32
@@ -150,6 +175,7 @@ def pnp_sample(
     steps: int,
     max_batch: int,
     on_step: Callable[[int], None] | None = None,
+    region: Region | None = None,
 ) -> SampleOutput:
     """Translate one source for K targets.
 
@@ -158,6 +184,7 @@ def pnp_sample(
     a TextCond of one element (architectures with added conditioning, e.g. SDXL's pooled text and
     size ids): every target's cond and negative then carry the same added inputs, batched alike.
     With `injector=None` nothing is injected and no source branch runs (plain DDIM sampling).
+    `region` confines each target's change to its mask (latent blending with the source's trajectory).
     """
     # 1. check inputs
     if not targets:
@@ -223,6 +250,10 @@ def pnp_sample(
                 e_base, e_cond = out.chunk(2)
             eps = e_base + g * (e_cond - e_base)
             x = sched.step(eps, t, x).prev_sample
+            m = region.per_step[i] if region is not None else None
+            if m is not None:  # outside the mask: the source's own latent of the next timestep
+                src = source_latents[i + 1].float()
+                x = torch.where(m >= 1, x, src + m * (x - src))
             if on_step is not None:
                 on_step(i)
     finally:

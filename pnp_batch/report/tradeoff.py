@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from pnp_batch.io.metrics import ok_scores
+from pnp_batch.io.metrics import REGION_METRICS, ok_scores
 from pnp_batch.io.results import latest_results
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,12 @@ class SettingScores:
     label: str
     structure: list[float]
     clip: list[float]
+    background: dict[str, list[float]] = field(default_factory=dict)  # region edits: bg_psnr, bg_ssim, ...
 
     def summary(self) -> dict[str, float | int | str]:
         s, c = np.asarray(self.structure, float), np.asarray(self.clip, float)
-        return {
+        region = {f"{k}_mean": float(np.mean(v)) for k, v in self.background.items() if v}
+        return {**region,
             "setting": self.label, "count": len(s),
             "structure_dist_mean": float(s.mean()), "structure_dist_q25": float(np.percentile(s, 25)),
             "structure_dist_q75": float(np.percentile(s, 75)),
@@ -82,7 +84,7 @@ def tradeoff_png(points: list[SettingScores], title: str = "PnP trade-off", dpi:
 def tradeoff_points(out_uri: str) -> list[SettingScores]:
     """The scored ok rows of an output, grouped by setting (the `setting` column of a sweep, else the
     config hash), in the order settings first appear by row id. Empty when nothing is scored."""
-    scores = ok_scores(out_uri).select(["id", "config_hash", "clip_score", "structure_dist"])
+    scores = ok_scores(out_uri).select(["id", "config_hash", "clip_score", "structure_dist", *REGION_METRICS])
     if scores.num_rows == 0:
         return []
     results = latest_results(out_uri, ["status", "config_hash", "setting"])
@@ -93,13 +95,17 @@ def tradeoff_points(out_uri: str) -> list[SettingScores]:
     res = pa.table({"id": results.column("id"), "config_hash": results.column("config_hash"),
                     "status": results.column("status"), "setting": setting.cast(pa.string())})
     joined = res.join(scores, keys=["id", "config_hash"], join_type="inner").sort_by("id")
-    groups: dict[str, tuple[list[float], list[float]]] = {}
-    for rid, h, st, label, clip, struct in zip(*(joined.column(c).to_pylist() for c in (
-            "id", "config_hash", "status", "setting", "clip_score", "structure_dist"))):
+    groups: dict[str, SettingScores] = {}
+    region = [joined.column(m).to_pylist() for m in REGION_METRICS]
+    for j, (rid, h, st, label, clip, struct) in enumerate(zip(*(joined.column(c).to_pylist() for c in (
+            "id", "config_hash", "status", "setting", "clip_score", "structure_dist")))):
         if st != "ok" or clip is None or struct is None or np.isnan(clip) or np.isnan(struct):
             continue
         key = label if label else f"config {h}"
-        g = groups.setdefault(key, ([], []))
-        g[0].append(float(struct))
-        g[1].append(float(clip))
-    return [SettingScores(k, s, c) for k, (s, c) in groups.items()]
+        g = groups.setdefault(key, SettingScores(key, [], []))
+        g.structure.append(float(struct))
+        g.clip.append(float(clip))
+        for m, values in zip(REGION_METRICS, region):
+            if values[j] is not None and not np.isnan(values[j]):
+                g.background.setdefault(m, []).append(float(values[j]))
+    return list(groups.values())

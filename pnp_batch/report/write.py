@@ -17,6 +17,7 @@ from pnp_batch.io.metrics import ok_scores
 from pnp_batch.io.output_paths import located
 from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.results import latest_results
+from pnp_batch.report.masks import outline_masks
 from pnp_batch.report.sheet import SheetEntry, build_contact_sheet, build_html
 from pnp_batch.report.tradeoff import tradeoff_png, tradeoff_points
 
@@ -84,7 +85,7 @@ def write_report(out: str, cfg: PipelineConfig, run_id: str, records: list[dict[
             source = None
         if source is None:
             source = Image.new("RGB", (THUMB, THUMB), (128, 128, 128))
-        source = _thumb(source)
+        source = outline_masks(_thumb(source), out, (r.get("mask") for r in recs))  # region edits
         src_name = f"{run_id}-source-{n:03d}.jpg"
         buf = io.BytesIO()
         source.save(buf, format="JPEG", quality=90)

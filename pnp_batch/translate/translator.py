@@ -26,6 +26,7 @@ from pnp_batch.io.output_paths import output_uri
 from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.records import SCORES_FIELD, resolve, row_record
 from pnp_batch.io.rows import Row
+from pnp_batch.masks.group import RegionMasks, RowMask
 from pnp_batch.models.load import Models, load_models
 from pnp_batch.models.tiny import TEST_MODEL_NOTE
 from pnp_batch.pnp.conditioning import TextCond
@@ -60,6 +61,10 @@ class Counters:
     inversions: int = 0
     cache_hits: int = 0
     image_encodes: int = 0  # IP-Adapter image encoder runs: one per distinct image prompt
+    mask_calls: int = 0  # mask_mode auto (masks/auto.py): UNet calls and batch elements finding masks
+    mask_elements: int = 0
+    masks_found: int = 0  # masks computed; mask_cache_hits: read from the feature store instead
+    mask_cache_hits: int = 0
 
 
 class Translator(SourceFeatures):
@@ -100,6 +105,8 @@ class Translator(SourceFeatures):
         # image prompts (an IP-Adapter loaded with the model): translate/image_prompts.py
         self.image_prompts = ImagePrompts(self.models.ip_adapter, self.models.unet, cfg.max_pixels,
                                           cfg.ip_adapter_scale, self.policy) if self.models.ip_adapter is not None else None
+        # region edits (masks/group.py): None with mask_mode none (the whole frame, today's bytes)
+        self.masks = RegionMasks(self) if cfg.mask_mode != "none" else None
         self.text = prompt_encoder(self.models)  # the architecture's prompt conditioning (translate/text.py)
         self.counters = Counters()
         self.timesteps = generation_timesteps(cfg.steps)
@@ -277,12 +284,15 @@ class Translator(SourceFeatures):
             )
         return targets, negs
 
-    def translate(self, latents: torch.Tensor, rows: list[Row]) -> tuple[np.ndarray, list[str]]:
+    def translate(self, latents: torch.Tensor, rows: list[Row], masks: dict[str, RowMask] | None = None,
+                  source_data: bytes | None = None) -> tuple[np.ndarray, list[str]]:
         """Images (K, H, W, 3) uint8 for rows sharing the source latents. The rows are one group: one
         negative-prompt mode and one layer setting (Row.batch_key). All K targets are sampled in one
         loop with ONE source branch per step: when they need more than `batch_size` elements, the
         sampler splits each step into several UNet calls and the later calls reuse the source features
-        the first one recorded (a sweep's whole grid costs one source branch). Decoding goes in chunks."""
+        the first one recorded (a sweep's whole grid costs one source branch). Decoding goes in chunks.
+        `masks` (id -> RowMask) confine each row's edit (docs/masks.md); `source_data` is the source for the
+        paste of its pixels."""
         self.use_points(self.row_points(rows[0]))
         per_target = 3 if self._negative_mode(rows) == "blend" else 2
         k_max = max(1, (self.max_batch - 1) // per_target)
@@ -300,13 +310,15 @@ class Translator(SourceFeatures):
                 targets,
                 self.cfg.steps,
                 self.max_batch,
+                region=RegionMasks.region(chunk, masks, self.cfg.steps, latents.device) if masks else None,
             )
             self.counters.sample_calls += out.unet_calls
             self.counters.sample_elements += out.batch_elements
             self.counters.source_elements += out.source_elements
             if self.image_prompts is not None:
                 self.counters.image_encodes = self.image_prompts.encoded
-            images += [self.decode(out.latents[start : start + k_max]) for start in range(0, len(chunk), k_max)]
+            decoded = np.concatenate([self.decode(out.latents[s : s + k_max]) for s in range(0, len(chunk), k_max)])
+            images.append(self.masks.paste(chunk, decoded, masks, source_data) if masks else decoded)
             negs += chunk_negs
         return np.concatenate(images), negs
 
@@ -357,7 +369,8 @@ class Translator(SourceFeatures):
                     records += self._source_failed(rows, f, attempt)
                 else:
                     source = self._eval_source(decoded, idx, sources[idx][0]) if decoded is not None else None
-                    records += self._finish(rows, *f, attempt=attempt, source=source, image_sha256=shas[idx])
+                    records += self._finish(rows, *f, attempt=attempt, source=source, image_sha256=shas[idx],
+                                            source_data=sources[idx][0])
             out.append(records)
         return out
 
@@ -368,13 +381,15 @@ class Translator(SourceFeatures):
 
         return decoded[idx] if idx in decoded else prepare_source(data, Preprocessing.of(self.cfg))
 
-    def _scores(self, rows: list[Row], images: np.ndarray, source: Any) -> list[dict[str, Any] | None]:
+    def _scores(self, rows: list[Row], images: np.ndarray, source: Any,
+                masks: dict[str, RowMask]) -> list[dict[str, Any] | None]:
         """Score records of the rows to do (None for companions), from the images in memory."""
         from pnp_batch.eval.score import score_decoded
 
         todo = [(r, img) for r, img in zip(rows, images) if not r.companion]
         scored = iter(score_decoded(self.scorer, [r.id for r, _ in todo], [r.target_prompt for r, _ in todo],
-                                    self.cfg.hash(), [img for _, img in todo], source))
+                                    self.cfg.hash(), [img for _, img in todo], source,
+                                    [masks[r.id].pixels if r.id in masks else None for r, _ in todo]))
         return [None if r.companion else next(scored) for r in rows]
 
     def _source_failed(self, rows: list[Row], e: Exception, attempt: int) -> list[dict[str, Any]]:
@@ -383,35 +398,43 @@ class Translator(SourceFeatures):
         return [self._record(r, "failed", error=msg, attempt=attempt) for r in rows if not r.companion]
 
     def _finish(self, rows: list[Row], latents: torch.Tensor, key: str, hit: bool, t_inv: float,
-                attempt: int, source: Any = None, image_sha256: str | None = None) -> list[dict[str, Any]]:
+                attempt: int, source: Any = None, image_sha256: str | None = None,
+                source_data: bytes | None = None) -> list[dict[str, Any]]:
         """Sample and decode the images of one group, write those of the rows to do (not of the
         companions: see Row.companion), and build their records."""
         # an unreadable ip_image (or one in a run without ip_adapter) fails its row only
         rows, unusable = split_unusable(self.image_prompts, rows, self.cfg.ip_adapter_scale, lambda r, msg: self._record(
             r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt))
+        masks: dict[str, RowMask] = {}
+        if self.masks is not None and rows:  # a mask that cannot be used fails its row only
+            rows, bad, masks = self.masks.prepare(rows, latents, key, source_data, lambda r, msg: self._record(
+                r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt))
+            unusable += bad
         if all(r.companion for r in rows):
             return unusable
         first = rows[0]
         h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
         try:
             t0 = time.perf_counter()
-            images, negs = self.translate(latents, rows)
+            images, negs = self.translate(latents, rows, masks, source_data)
             t_tr = (time.perf_counter() - t0) / len(rows)
         except Exception as e:
             msg = _row_message(e, first)
             log.exception("translation of %d rows from %s failed", len(rows), first.image or first.id)
             return unusable + [self._record(r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt)
                                for r in rows if not r.companion]
-        scores = self._scores(rows, images, source) if self.scorer is not None else [None] * len(rows)
+        scores = self._scores(rows, images, source, masks) if self.scorer is not None else [None] * len(rows)
         records: list[dict[str, Any] | Future] = list(unusable)
         for r, img, neg, score in zip(rows, images, negs, scores):
             if r.companion:
                 continue
             uri = output_uri(self.out, r.id, self.cfg.output_format)
+            m = masks.get(r.id)
+            warning = "; ".join(x for x in (self.prompt_warning(r.target_prompt), m and m.warning) if x) or None
             ok = self._record(
                 r, "ok", output=uri, negative=neg, feature_key=key, cache_hit=hit, width=w, height=h,
                 invert_seconds=t_inv if not hit else 0.0, translate_seconds=t_tr, attempt=attempt,
-                warning=self.prompt_warning(r.target_prompt),
+                warning=warning, mask=self.masks.write(r, m) if m is not None else None,
             )
             ok["image_sha256"] = image_sha256
             if score is not None:
@@ -444,12 +467,13 @@ class Translator(SourceFeatures):
     def _record(self, r: Row, status: str, error: str | None = None, output: str | None = None,
                 negative: str | None = None, feature_key: str | None = None, cache_hit: bool | None = None,
                 width: int | None = None, height: int | None = None, invert_seconds: float | None = None,
-                translate_seconds: float | None = None, attempt: int = 1, warning: str | None = None) -> dict:
+                translate_seconds: float | None = None, attempt: int = 1, warning: str | None = None,
+                mask: str | None = None) -> dict:
         model = self.models.fingerprint + (f" ({TEST_MODEL_NOTE})" if self.models.is_test_model else "")
         return row_record(
             r, self.cfg, status, model, self.worker, attempt, error=error, warning=warning, output=output,
             negative_prompt=negative, feature_key=feature_key, feature_cache_hit=cache_hit, width=width,
-            height=height, invert_seconds=invert_seconds, translate_seconds=translate_seconds,
+            height=height, invert_seconds=invert_seconds, translate_seconds=translate_seconds, mask=mask,
         )
 
 

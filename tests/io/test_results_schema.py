@@ -71,7 +71,7 @@ def test_every_shard_carries_the_explicit_versioned_schema(tmp_path) -> None:
         for f in RESULT_SCHEMA:
             assert s.field(f.name).type == f.type, f.name
         assert not any(pa.types.is_null(f.type) for f in s), s
-        assert schema_version(s) == RESULTS_SCHEMA_VERSION == 2  # v2: work_key, image_sha256, output_sha256
+        assert schema_version(s) == RESULTS_SCHEMA_VERSION == 3  # v2: work_key, image_sha256, output_sha256; v3: mask
     first, second = schemas
     # pass-through columns typed from the manifest, all-null ones included
     assert first.field("score").type == pa.float64() and first.field("n").type == pa.int64()

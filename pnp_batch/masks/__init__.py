@@ -1,0 +1,1 @@
+"""Region edits (docs/masks.md): masks given or found, framed, blended, pasted."""
