@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -130,7 +131,7 @@ def test_bad_masks_fail_their_row_only_and_a_missing_column_exits_2(folder, tmp_
                                   f"c2,s.png,a fox,,{b64}\n")
     assert main(["run", str(folder / "m.csv"), "--out", str(folder / "o3"), *MANIFEST_MASKS]) == 0
     csv = _records(folder / "o3")  # the same mask, whichever way it came
-    assert open(csv["c1"]["mask"], "rb").read() == open(csv["c2"]["mask"], "rb").read()
+    assert Path(csv["c1"]["mask"]).read_bytes() == Path(csv["c2"]["mask"]).read_bytes()
 
 
 class _StubUNet:
