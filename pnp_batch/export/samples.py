@@ -19,7 +19,7 @@ from pnp_batch.io.images import decode_image, resize_source
 from pnp_batch.io.inputs import open_row_input
 
 IMAGE_BYTES = "<image_bytes>"
-MASK_COLUMNS = ("mask",)  # a manifest's mask URI (issue 23's `mask` column), when the results carry it
+MASK_COLUMNS = ("mask",)  # the record's mask as applied (region edits, docs/masks.md): OUT/masks/{id}.png
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
@@ -64,7 +64,7 @@ class SampleReader:
     """Reads rows into samples; prepared sources are cached by (URI, preprocessing) within one shard."""
 
     preps: dict[str, Prep | None]  # config_hash -> preprocessing
-    policy: Any = None  # the run's input policy (io/policy.py): sources and masks are read under it
+    policy: Any = None  # the run's input policy (io/policy.py): sources are read under it
     _sources: dict[tuple, bytes | Exception] = field(default_factory=dict)
 
     def read(self, row: dict[str, Any]) -> Sample | Skipped:
@@ -87,10 +87,11 @@ class SampleReader:
         if isinstance(got, Exception):
             return Skipped(rid, f"source image unreadable ({storage.redact(str(src))}): {_reason(got)}")
         mask = None
-        for col in MASK_COLUMNS:
+        for col in MASK_COLUMNS:  # the mask as applied (OUT/masks, located by io/view): OUT's own file
             if row.get(col):
                 try:
-                    mask = _png(decode_image(open_row_input(str(row[col]), self.policy), prep.max_pixels))
+                    mask = storage.read_bytes(str(row[col]))
+                    decode_image(mask, prep.max_pixels)  # a damaged file skips the row, as a damaged output does
                 except Exception as e:  # noqa: BLE001
                     return Skipped(rid, f"mask unreadable ({storage.redact(str(row[col]))}): {_reason(e)}")
         ext = storage.basename(str(output)).rsplit(".", 1)[-1].lower() if "." in storage.basename(str(output)) else "png"

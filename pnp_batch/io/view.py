@@ -55,10 +55,11 @@ def latest_view(out: str, columns: list[str] | None = None) -> pa.Table:
     results = latest_results(out, columns)
     if results.num_rows:
         results = results.take(pc.sort_indices(results.column("id")))
-    if "output" in results.column_names:  # where each output is now (a relative --out recorded relative paths)
-        i = results.column_names.index("output")
-        now = [located(out, u) for u in results.column("output").to_pylist()]
-        results = results.set_column(i, "output", pa.array(now, results.schema.field("output").type))
+    for col, folder in (("output", "images"), ("mask", "masks")):  # where each file is now (a relative --out
+        if col in results.column_names:  # recorded relative paths)
+            i = results.column_names.index(col)
+            now = [located(out, u, folder) for u in results.column(col).to_pylist()]
+            results = results.set_column(i, col, pa.array(now, pa.string()))
     return join_scores(results, read_scores(out))
 
 
