@@ -182,7 +182,7 @@ def test_no_worker_within_the_timeout_stops_the_run(manifest: Path, tmp_path: Pa
     took = time.monotonic() - t0
     err = capfd.readouterr().err
     assert code == 3, err[-3000:]
-    assert 2 <= took < 30, took
+    assert 2 <= took < 90, took  # stops soon after the timeout (90: a loaded 2-core machine starts Ray slowly)
     assert "no Ray worker became ready within --worker-timeout 2 s" in err and "Traceback" not in err
     [summary] = summaries(out)
     assert summary["status"] == "cluster_lost" and "--worker-timeout 2 s" in summary["reason"]

@@ -211,6 +211,16 @@ def test_background_metrics_and_the_contact_sheet(folder, capsys):
     assert again["half"]["bg_ssim"] == pytest.approx(scores["half"]["bg_ssim"], abs=1e-6)
     assert main(["status", str(out)]) == 0
     assert "bg_psnr" in capsys.readouterr().out
+    # an export carries each row's mask as applied (docs/export.md)
+    dest = folder / "wds"
+    assert main(["export", str(out), str(dest), "--format", "webdataset"]) == 0
+    import tarfile
+
+    with tarfile.open(dest / "00000.tar") as tar:
+        names = tar.getnames()
+        got = np.asarray(Image.open(tar.extractfile("half.mask.png")))
+    assert "black.mask.png" in names
+    assert np.array_equal(got, np.asarray(Image.open(folder / "ev" / "masks" / "half.png")))
     # the contact sheet outlines the masks on the source
     sheet = next((out / "report").glob("*-source-000.jpg"))
     arr = np.asarray(Image.open(sheet).convert("RGB")).astype(int)
