@@ -228,13 +228,15 @@ def test_configs_without_the_new_keys_keep_their_hash():
         LAYER_KEYS,  # the injection layers count when set (docs/sweeps.md)
         POLICY_KEYS,  # which inputs may be read never changes an image (docs/inputs.md)
     )
+    from pnp_batch.ip_keys import IP_KEYS  # count only with an adapter (docs/ip_adapter.md)
+    from pnp_batch.mask_keys import MASK_KEYS  # count only with a mask_mode (docs/masks.md)
 
     for preset in ("tiny", "sd21-base", "sd15"):
         cfg = load_config(preset)
         d = cfg.to_dict()
         for k in ("name", "device", "batch_size", "inversion_batch", "inversion_streams", "compile", "channels_last",
                   "cuda_graphs", "cudnn_benchmark", "max_pixels", "model_config", "lora", *EVAL_KEYS, *LAYER_KEYS,
-                  *POLICY_KEYS):
+                  *POLICY_KEYS, *IP_KEYS, *MASK_KEYS):
             d.pop(k)
         assert cfg.hash() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
         assert cfg.replace(model_config="sd15").hash() != cfg.hash()
