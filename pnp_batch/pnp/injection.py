@@ -124,10 +124,10 @@ class PnPAttnProcessor:
 class PnPInjector:
     """Installs the processors and the conv hook on a UNet once; the controller drives them."""
 
-    def __init__(self, unet, points: InjectionPoints | None = None) -> None:
+    def __init__(self, unet, points: InjectionPoints | None = None, controller: PnPController | None = None) -> None:
         self.unet = unet
         self.points = points if points is not None else injection_points(unet)
-        self.controller = PnPController()
+        self.controller = controller if controller is not None else PnPController()  # pnp/packs.py: its own
         # Module by module (Attention.set_processor), never a whole-UNet set_attn_processor: the other
         # layers keep their processors, an IP-Adapter's on the cross-attention layers included.
         self._original = {layer: unet.get_submodule(layer).processor for layer in self.points.attn_layers}
