@@ -77,6 +77,7 @@ class PipelineConfig:
     batch_size: int | str = "auto"
     inversion_batch: int = 1
     inversion_streams: int = 1
+    sources_per_batch: int | str = 1  # sources packed into one UNet call per step (translate/packs.py)
     max_pixels: int = 64_000_000
     compile: bool = False
     channels_last: bool = False
@@ -128,6 +129,8 @@ class PipelineConfig:
                   "cuda_graphs", "cudnn_benchmark", "max_pixels", *EVAL_KEYS, *POLICY_KEYS):
             d.pop(k, None)
         # Keys added later count only when set, so configs that do not use them keep their hash.
+        if d.get("sources_per_batch") == 1:  # packs change the last bits; 1 keeps the hash of before
+            d.pop("sources_per_batch")
         if d.get("model_config") == "auto":
             d.pop("model_config")
         if d.get("lora"):
@@ -247,6 +250,10 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"inversion_batch={cfg.inversion_batch!r} must be a whole number from 1 to 64")
     if not isinstance(cfg.inversion_streams, int) or not 1 <= cfg.inversion_streams <= 16:
         raise ConfigError(f"inversion_streams={cfg.inversion_streams!r} must be a whole number from 1 to 16")
+    if cfg.sources_per_batch != "auto" and (not isinstance(cfg.sources_per_batch, int)
+                                            or isinstance(cfg.sources_per_batch, bool)
+                                            or not 1 <= cfg.sources_per_batch <= 64):
+        raise ConfigError(f"sources_per_batch={cfg.sources_per_batch!r} must be 'auto' or a whole number from 1 to 64")
     if cfg.cuda_graphs not in (True, False, "auto"):
         raise ConfigError(f"cuda_graphs={cfg.cuda_graphs!r} must be true, false or 'auto' (on for CUDA devices)")
     if cfg.compile and cfg.cuda_graphs is True:

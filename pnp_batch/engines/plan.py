@@ -22,6 +22,7 @@ from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.results import done_index
 from pnp_batch.io.sweep import Sweep, SweptManifest
 from pnp_batch.io.work_key import batch_keys, classify, count_keys
+from pnp_batch.translate.pack_plan import Pack, pack_size, window_packs
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +127,20 @@ def work_groups(manifest: Manifest, done: DoneIndex | Mapping[str, str], req: Ru
             window.extend(replace(r, companion=True) if k else r for r, k in zip(rows, ok[i:end].tolist()))
             window_todo = window_todo or todo
             if (start + end) % size == 0:
-                yield from _window_groups(window, window_todo, req.overwrite, counts)
+                yield from _window_groups(window, window_todo, req.overwrite, counts, pack_size(req.cfg))
                 window, window_todo = [], False
             i = end
-    yield from _window_groups(window, window_todo, req.overwrite, counts)
+    yield from _window_groups(window, window_todo, req.overwrite, counts, pack_size(req.cfg))
 
 
 def _window_groups(rows: list[Row], todo: bool, overwrite: bool,
-                   counts: dict[str, int] | None) -> Iterator[list[Row]]:
-    """The groups of one window that have a row to do (every group with --overwrite)."""
+                   counts: dict[str, int] | None, pack: int = 1) -> Iterator[list[Row]]:
+    """The groups of one window that have a row to do (every group with --overwrite); with packs of
+    sources (sources_per_batch > 1), the packs that have one (translate/packs.py)."""
     if not rows or not todo:
+        return
+    if pack > 1:
+        yield from window_packs(list(group_rows(rows, window=len(rows) + 1)), pack, overwrite, counts)
         return
     for group in group_rows(rows, window=len(rows) + 1):
         if overwrite:
@@ -153,6 +158,12 @@ def windows(groups: Iterator[list[Row]], size: int) -> Iterator[list[list[Row]]]
     share a batch on either."""
     window: list[list[Row]] = []
     for g in groups:
+        if isinstance(g, Pack):  # a pack of sources is a window of its own, as formed from the manifest
+            if window:
+                yield window
+                window = []
+            yield list(g)
+            continue
         window.append(g)
         if len(window) >= size:
             yield window

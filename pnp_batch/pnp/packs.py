@@ -42,13 +42,13 @@ class PackRows:
     src: torch.Tensor
 
 
-_PACK_ROWS: dict[tuple[str, tuple[int, ...], tuple[int, ...]], PackRows] = {}
+_PACK_ROWS: dict[tuple[str, tuple[int, ...], tuple[int, ...], int], PackRows] = {}
 
 
-def _pack_rows(rows: list[int], src: list[int], device: torch.device) -> PackRows | None:
+def _pack_rows(rows: list[int], src: list[int], n_sources: int, device: torch.device) -> PackRows | None:
     if not rows:
         return None
-    key = (str(device), tuple(rows), tuple(src))
+    key = (str(device), tuple(rows), tuple(src), n_sources)  # n_sources: a graph records the source rows too
     if key not in _PACK_ROWS:
         if len(_PACK_ROWS) >= 4096:  # patterns are few; bound it anyway (graphs keep theirs alive)
             _PACK_ROWS.clear()
@@ -113,7 +113,7 @@ def _rows_of(mask: list[bool], sel: list[int], off: int, owner: list[int], n_t: 
     if not pos:
         return None
     chosen = [(off + j, pos[owner[e % n_t]]) for j, e in enumerate(sel) if mask[e]]
-    return _pack_rows([r for r, _ in chosen], [s for _, s in chosen], device)
+    return _pack_rows([r for r, _ in chosen], [s for _, s in chosen], off, device)
 
 
 def _plan(owner: list[int], targets: list[Target], n_sources: int, uncond: TextCond, steps: int, max_batch: int,

@@ -55,6 +55,8 @@ class SourceFeatures:
         key = feature_key(sha, self.models.fingerprint, str(self.models.dtype).removeprefix("torch."), self.cfg)
         if self.cfg.inversion_prompt:
             key = hashlib.sha256(f"{key}|{inversion_prompt}".encode()).hexdigest()[:32]
+        if self.pack > 1:  # inverted in calls of `pack` sources (translate/packs.py): not for other runs
+            key = hashlib.sha256(f"{key}|sources_per_batch={self.pack}".encode()).hexdigest()[:32]
         return key
 
     def source_features_many(

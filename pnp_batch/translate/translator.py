@@ -36,6 +36,8 @@ from pnp_batch.pnp.layers import InjectionPoints, injection_points
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
 from pnp_batch.translate.image_prompts import ImagePrompts, split_unusable
 from pnp_batch.translate.outputs import to_uint8
+from pnp_batch.translate.pack_plan import pack_size
+from pnp_batch.translate.packs import start_pack
 from pnp_batch.translate.sizing import auto_batch_size
 from pnp_batch.translate.sources import SourceFeatures
 from pnp_batch.translate.text import prompt_encoder
@@ -116,6 +118,7 @@ class Translator(SourceFeatures):
         self._prefetched: dict[str, tuple[torch.Tensor, dict] | None] = {}  # key -> features read ahead (None: corrupt)
         self._digests: dict[int, tuple[bytes, str]] = {}  # id(source bytes) -> (the bytes, sha256), from prefetch
         self.max_batch = self._max_batch()
+        self.pack = pack_size(cfg)  # sources per UNet call (sources_per_batch, translate/packs.py)
         # Sources inverted per UNet call. On a GPU one image leaves the UNet call half idle, so 4 cost
         # 1.8 times 1 (H100); calls are padded to that size (source_features_many), but whether a
         # source's bits then stay the same whatever shares its call is verified per device (not on
@@ -339,6 +342,8 @@ class Translator(SourceFeatures):
         """process_many, returning as soon as the GPU work is done: a translated row's record is a
         Future that resolves once its image is written (threads encode and upload it). The caller
         can start the next groups meanwhile, and must `resolve` the records before using them."""
+        if self.pack > 1:  # the window is one pack of sources (plan.work_groups): translate/packs.py
+            return start_pack(self, groups, attempt)
         prepared: list[tuple[list[dict[str, Any]], list[Row], int | None]] = []
         sources: list[tuple[bytes, str]] = []
         shas: list[str] = []  # each source's sha256: the record names the bytes translated
