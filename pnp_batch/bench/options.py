@@ -25,6 +25,8 @@ def add_bench_args(sub) -> None:
     b.add_argument("--inversion-batch", type=int, default=1, help="sources inverted per UNet call (pipeline key)")
     b.add_argument("--inversion-streams", type=int, default=1,
                    help="inversion calls run side by side on CUDA streams (pipeline key inversion_streams)")
+    b.add_argument("--sources-per-batch", type=int, action="append", default=None,
+                   help="packs of N sources per UNet call, side by side (repeatable; bench/packs.py)")
     b.add_argument("--json", default=None, help="write the figures as JSON here")
     b.add_argument("--repeats", type=int, default=None,
                    help="time every path this many times, interleaved; report medians and [min..max] (default 3)")

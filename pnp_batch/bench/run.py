@@ -25,6 +25,10 @@ from pnp_batch.bench.paths import Bench, fresh_store, run_all
 
 def run_bench(args) -> int:
     """`pnp-batch bench`: run the four paths for each K, print the table, write --json."""
+    if getattr(args, "sources_per_batch", None):  # packs of sources side by side (bench/packs.py)
+        from pnp_batch.bench.packs import run_pack_bench
+
+        return run_pack_bench(args)
     b = Bench(args)
     s = b.s
     print(f"bench: arch={args.arch} device={b.device} resolution={s['resolution']} steps={s['steps']} "

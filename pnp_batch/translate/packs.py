@@ -195,6 +195,17 @@ def use_pack_points(tr, points) -> PackController:
     return tr.injector.controller
 
 
+def use_plain_points(tr) -> None:
+    """Give the translator back an injector with a plain PnPController (after packs; the bench's N = 1)."""
+    inj = tr.injector
+    if not isinstance(inj.controller, PackController):
+        return
+    inj.remove()
+    tr.injector = PnPInjector(base_unet(tr.models.unet), inj.points)
+    if isinstance(tr.models.unet, GraphedUNet):
+        tr.models.unet.use("pnp" if inj.points == tr.points else f"pnp:{hash(inj.points)}", tr.injector.controller)
+
+
 def _sample(tr, kind: tuple, run: list[tuple[_Slot, list[Row]]], attempt: int) -> None:
     """Sample one run of slots of one kind in shared calls, decode each slot's images, write them."""
     points, mode, _ = kind
