@@ -254,6 +254,9 @@ def validate(cfg: PipelineConfig) -> None:
                                             or isinstance(cfg.sources_per_batch, bool)
                                             or not 1 <= cfg.sources_per_batch <= 64):
         raise ConfigError(f"sources_per_batch={cfg.sources_per_batch!r} must be 'auto' or a whole number from 1 to 64")
+    if isinstance(cfg.sources_per_batch, int) and cfg.sources_per_batch > 1 and (cfg.mask_mode != "none" or cfg.ip_adapter):
+        raise ConfigError(f"sources_per_batch={cfg.sources_per_batch} does not combine with mask_mode or ip_adapter yet: "
+                          "use 1 (or auto, which is 1 with them)")
     if cfg.cuda_graphs not in (True, False, "auto"):
         raise ConfigError(f"cuda_graphs={cfg.cuda_graphs!r} must be true, false or 'auto' (on for CUDA devices)")
     if cfg.compile and cfg.cuda_graphs is True:

@@ -27,6 +27,7 @@ short_side` with other aspect ratios) are sampled in separate calls, one per kin
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ import torch
 
 from pnp_batch.io import storage
 from pnp_batch.io.images import decode_image, resize_source
+from pnp_batch.io.inputs import open_row_input
 from pnp_batch.io.rows import Row
 from pnp_batch.pnp.graphs import GraphedUNet, base_unet
 from pnp_batch.pnp.injection import PnPInjector
@@ -121,7 +123,7 @@ def _features(tr, slots: list[_Slot], n: int) -> None:
         first = s.rows[0]
         t0 = time.perf_counter()
         try:
-            s.data = first.image_bytes if first.image_bytes is not None else storage.read_bytes(first.image)
+            s.data = first.image_bytes if first.image_bytes is not None else open_row_input(first.image, tr.policy)
             s.prompt = tr._inversion_prompt(first)
             sha = tr._sha256(s.data)
             key = tr._key(sha, s.prompt)
@@ -247,7 +249,7 @@ def _write(tr, s: _Slot, rows: list[Row], images, negs: list[str], t_tr: float,
            attempt: int) -> list[dict[str, Any] | Future]:
     """As Translator._finish after sampling: score (run --eval), write the images of the rows to do."""
     from pnp_batch.io.records import SCORES_FIELD
-    from pnp_batch.translate.outputs import output_uri
+    from pnp_batch.io.output_paths import output_uri
 
     latents, key, hit, t_inv = s.feats
     h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
@@ -263,6 +265,7 @@ def _write(tr, s: _Slot, rows: list[Row], images, negs: list[str], t_tr: float,
         ok = tr._record(r, "ok", output=uri, negative=neg, feature_key=key, cache_hit=hit, width=w, height=h,
                         invert_seconds=t_inv if not hit else 0.0, translate_seconds=t_tr, attempt=attempt,
                         warning=tr.prompt_warning(r.target_prompt))
+        ok["image_sha256"] = hashlib.sha256(s.data).hexdigest() if s.data is not None else None
         if score is not None:
             ok[SCORES_FIELD] = score
         out.append(tr._writer().submit(tr._write_image, r, uri, img, ok))
