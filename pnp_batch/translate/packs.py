@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from pnp_batch.io import storage
 from pnp_batch.io.images import decode_image, resize_source
 from pnp_batch.io.inputs import open_row_input
 from pnp_batch.io.rows import Row
@@ -248,8 +247,8 @@ def _sample(tr, kind: tuple, run: list[tuple[_Slot, list[Row]]], attempt: int) -
 def _write(tr, s: _Slot, rows: list[Row], images, negs: list[str], t_tr: float,
            attempt: int) -> list[dict[str, Any] | Future]:
     """As Translator._finish after sampling: score (run --eval), write the images of the rows to do."""
-    from pnp_batch.io.records import SCORES_FIELD
     from pnp_batch.io.output_paths import output_uri
+    from pnp_batch.io.records import SCORES_FIELD
 
     latents, key, hit, t_inv = s.feats
     h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
