@@ -68,6 +68,19 @@ timeout 90 "${BENCH[@]}" --k 4 --sources 4 --reference-inversion-steps 100 --inv
 echo "bench (inversion_streams 4) exit status ${PIPESTATUS[0]}"
 fi
 
+# PACKS=1: packs of sources (docs/packs.md, issue 25): sd21-base 512 px fp16 50 steps at N = 1 and 4, K = 1 and 4
+# (images/minute, calls and elements per image, peak memory, TFLOP/s per N), then SDXL at 1024 px, N = 1 and 2.
+if [ "${PACKS:-0}" = 1 ]; then
+timeout 200 "$PY" -m pnp_batch bench --arch sd21-base --device cuda --dtype float16 --resolution 512 --steps 50 \
+  --k 1 --k 4 --sources 8 --repeats 1 --sources-per-batch 1 --sources-per-batch 4 \
+  --json "$OUT/packs-sd21.json" 2>&1 | tee "$AUX/packs-sd21.txt"
+echo "bench (packs sd21-base) exit status ${PIPESTATUS[0]}"
+timeout 200 "$PY" -m pnp_batch bench --arch sdxl --device cuda --dtype float16 --resolution 1024 --steps 50 \
+  --k 4 --sources 2 --repeats 1 --sources-per-batch 1 --sources-per-batch 2 \
+  --json "$OUT/packs-sdxl.json" 2>&1 | tee "$AUX/packs-sdxl.txt"
+echo "bench (packs sdxl) exit status ${PIPESTATUS[0]}"
+fi
+
 # IP_ADAPTER=1: the IP-Adapter's cost (docs/ip_adapter.md): SD 1.5 full size, fp16, 512 px, 50 steps, K=4,
 # sampling with the adapter against without, median of 5 (target <= 1.10); image encoder runs counted.
 if [ "${IP_ADAPTER:-0}" = 1 ]; then

@@ -387,14 +387,14 @@ class Translator(SourceFeatures):
         return decoded[idx] if idx in decoded else prepare_source(data, Preprocessing.of(self.cfg))
 
     def _scores(self, rows: list[Row], images: np.ndarray, source: Any,
-                masks: dict[str, RowMask]) -> list[dict[str, Any] | None]:
+                masks: dict[str, RowMask] | None = None) -> list[dict[str, Any] | None]:
         """Score records of the rows to do (None for companions), from the images in memory."""
         from pnp_batch.eval.score import score_decoded
 
         todo = [(r, img) for r, img in zip(rows, images) if not r.companion]
         scored = iter(score_decoded(self.scorer, [r.id for r, _ in todo], [r.target_prompt for r, _ in todo],
                                     self.cfg.hash(), [img for _, img in todo], source,
-                                    [masks[r.id].pixels if r.id in masks else None for r, _ in todo]))
+                                    [masks[r.id].pixels if masks and r.id in masks else None for r, _ in todo]))
         return [None if r.companion else next(scored) for r in rows]
 
     def _source_failed(self, rows: list[Row], e: Exception, attempt: int) -> list[dict[str, Any]]:
