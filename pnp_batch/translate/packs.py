@@ -272,6 +272,6 @@ def _write(tr, s: _Slot, rows: list[Row], images, negs: list[str], t_tr: float,
 
 
 def _message(e: BaseException, row: Row) -> str:
-    from pnp_batch.translate.translator import _row_message
+    from pnp_batch.translate.outputs import row_message
 
-    return _row_message(e, row)
+    return row_message(e, row)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pnp_batch.config import PipelineConfig, generation_timesteps
-from pnp_batch.errors import RowError, UsageError
+from pnp_batch.errors import UsageError
 from pnp_batch.io import storage
 from pnp_batch.io.features import FeatureStore
 from pnp_batch.io.images import encode_image
@@ -35,7 +35,7 @@ from pnp_batch.pnp.injection import PnPInjector
 from pnp_batch.pnp.layers import InjectionPoints, injection_points
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
 from pnp_batch.translate.image_prompts import ImagePrompts, split_unusable
-from pnp_batch.translate.outputs import to_uint8
+from pnp_batch.translate.outputs import row_message, to_uint8
 from pnp_batch.translate.pack_plan import pack_size
 from pnp_batch.translate.packs import start_pack
 from pnp_batch.translate.sizing import auto_batch_size
@@ -398,7 +398,7 @@ class Translator(SourceFeatures):
         return [None if r.companion else next(scored) for r in rows]
 
     def _source_failed(self, rows: list[Row], e: Exception, attempt: int) -> list[dict[str, Any]]:
-        msg = _row_message(e, rows[0])
+        msg = row_message(e, rows[0])
         log.warning("source %s failed: %s", rows[0].image or rows[0].id, msg)
         return [self._record(r, "failed", error=msg, attempt=attempt) for r in rows if not r.companion]
 
@@ -424,7 +424,7 @@ class Translator(SourceFeatures):
             images, negs = self.translate(latents, rows, masks, source_data)
             t_tr = (time.perf_counter() - t0) / len(rows)
         except Exception as e:
-            msg = _row_message(e, first)
+            msg = row_message(e, first)
             log.exception("translation of %d rows from %s failed", len(rows), first.image or first.id)
             return unusable + [self._record(r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt)
                                for r in rows if not r.companion]
@@ -453,7 +453,7 @@ class Translator(SourceFeatures):
             data = encode_image(img, self.cfg.output_format)
             storage.write_bytes_atomic(uri, data)
         except Exception as e:  # noqa: BLE001 - this row fails; the others go on
-            return self._record(r, "failed", error=_row_message(e, r), feature_key=ok["feature_key"],
+            return self._record(r, "failed", error=row_message(e, r), feature_key=ok["feature_key"],
                                 attempt=ok["attempt"])
         return {**ok, "finished_at": datetime.now(timezone.utc), "output_sha256": hashlib.sha256(data).hexdigest()}
 
@@ -480,18 +480,3 @@ class Translator(SourceFeatures):
             negative_prompt=negative, feature_key=feature_key, feature_cache_hit=cache_hit, width=width,
             height=height, invert_seconds=invert_seconds, translate_seconds=translate_seconds, mask=mask,
         )
-
-
-def _row_message(e: BaseException, row: Row) -> str:
-    """A one-line reason for a failed row, without credentials."""
-    if isinstance(e, FileNotFoundError):
-        msg = f"image not found: {row.image}"
-    elif isinstance(e, RowError):
-        msg = str(e)
-    elif isinstance(e, torch.cuda.OutOfMemoryError):
-        msg = "out of GPU memory (lower batch_size or resolution)"
-    else:
-        msg = f"{type(e).__name__}: {e}"
-    return storage.redact(msg.splitlines()[0] if msg else type(e).__name__)[:500]
-
-

@@ -236,7 +236,7 @@ def test_configs_without_the_new_keys_keep_their_hash():
         d = cfg.to_dict()
         for k in ("name", "device", "batch_size", "inversion_batch", "inversion_streams", "compile", "channels_last",
                   "cuda_graphs", "cudnn_benchmark", "max_pixels", "model_config", "lora", *EVAL_KEYS, *LAYER_KEYS,
-                  *POLICY_KEYS, *IP_KEYS, *MASK_KEYS):
+                  *POLICY_KEYS, *IP_KEYS, *MASK_KEYS, "sources_per_batch"):
             d.pop(k)
         assert cfg.hash() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
         assert cfg.replace(model_config="sd15").hash() != cfg.hash()
