@@ -250,13 +250,11 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"inversion_batch={cfg.inversion_batch!r} must be a whole number from 1 to 64")
     if not isinstance(cfg.inversion_streams, int) or not 1 <= cfg.inversion_streams <= 16:
         raise ConfigError(f"inversion_streams={cfg.inversion_streams!r} must be a whole number from 1 to 16")
-    if cfg.sources_per_batch != "auto" and (not isinstance(cfg.sources_per_batch, int)
-                                            or isinstance(cfg.sources_per_batch, bool)
-                                            or not 1 <= cfg.sources_per_batch <= 64):
-        raise ConfigError(f"sources_per_batch={cfg.sources_per_batch!r} must be 'auto' or a whole number from 1 to 64")
-    if isinstance(cfg.sources_per_batch, int) and cfg.sources_per_batch > 1 and (cfg.mask_mode != "none" or cfg.ip_adapter):
-        raise ConfigError(f"sources_per_batch={cfg.sources_per_batch} does not combine with mask_mode or ip_adapter yet: "
-                          "use 1 (or auto, which is 1 with them)")
+    n = cfg.sources_per_batch  # packs of sources (docs/packs.md)
+    if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64):
+        raise ConfigError(f"sources_per_batch={n!r} must be 'auto' or a whole number from 1 to 64")
+    if n != "auto" and n > 1 and (cfg.mask_mode != "none" or cfg.ip_adapter):
+        raise ConfigError(f"sources_per_batch={n} does not combine with mask_mode or ip_adapter yet: use 1 or auto")
     if cfg.cuda_graphs not in (True, False, "auto"):
         raise ConfigError(f"cuda_graphs={cfg.cuda_graphs!r} must be true, false or 'auto' (on for CUDA devices)")
     if cfg.compile and cfg.cuda_graphs is True:
