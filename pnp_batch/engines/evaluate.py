@@ -26,7 +26,7 @@ from pnp_batch.engines.progress import Progress
 from pnp_batch.errors import StoreRefused, UsageError
 from pnp_batch.io import storage, write_check
 from pnp_batch.io.metrics import SCORE_SCHEMA, ScoreWriter, scored_keys
-from pnp_batch.io.output_paths import located
+from pnp_batch.io.output_paths import locate_files
 from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.results import latest_results, make_run_id, read_run_summaries, result_files
 
@@ -98,11 +98,7 @@ def plan_eval(req: EvalRequest) -> EvalPlan:
         todo = ok
     if req.limit is not None:
         todo = todo.slice(0, req.limit)
-    outputs = [located(req.out, o) for o in todo.column("output").to_pylist()]  # relative to OUT when recorded so
-    todo = todo.set_column(todo.schema.get_field_index("output"), "output", pa.array(outputs, pa.string()))
-    if "mask" in todo.column_names:  # region edits: the mask as applied, found like the output
-        masks = [located(req.out, m, "masks") for m in todo.column("mask").to_pylist()]
-        todo = todo.set_column(todo.schema.get_field_index("mask"), "mask", pa.array(masks, pa.string()))
+    todo = locate_files(req.out, todo)  # outputs and masks recorded relative to where the run ran
     policy = InputPolicy.for_manifest(manifest, (*base.allow_uri, *req.allow_uri),
                                       base.allow_private_network or req.allow_private_network)
     return EvalPlan(cfg=cfg, todo=todo, ok_rows=ok.num_rows, preprocessing=configs, policy=policy)

@@ -22,3 +22,18 @@ def located(out: str, recorded: str | None, folder: str = "images") -> str | Non
     if not recorded or storage.is_remote(recorded) or os.path.isabs(os.path.expanduser(recorded)):
         return recorded
     return storage.join(out, folder, storage.basename(recorded))
+
+
+# The record columns that name a file under OUT, and the folder each lies in.
+FILE_COLUMNS = (("output", "images"), ("mask", "masks"))
+
+
+def locate_files(out: str, table):
+    """`table` (result records) with its `output` and `mask` columns as :func:`located` finds them now."""
+    import pyarrow as pa
+
+    for col, folder in FILE_COLUMNS:
+        if col in table.column_names:
+            now = [located(out, u, folder) for u in table.column(col).to_pylist()]
+            table = table.set_column(table.column_names.index(col), col, pa.array(now, pa.string()))
+    return table

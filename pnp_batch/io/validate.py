@@ -105,6 +105,16 @@ def _rows_at(m: Manifest, batch: pa.RecordBatch, start: int, positions: np.ndarr
     return rows
 
 
+def _refused_input(row: Row, policy: InputPolicy) -> str | None:
+    """Why the policy refuses a URI the row names (its source, image prompt or mask; bytes are not read), or None."""
+    for name, uri, data in (("", row.image, row.image_bytes), ("ip_image: ", row.ip_image, row.ip_image_bytes),
+                            ("mask: ", row.mask, row.mask_bytes)):
+        refused = check_row_input(uri, policy) if uri and data is None else None
+        if refused:
+            return name + refused
+    return None
+
+
 def _maybe_problem(batch: pa.RecordBatch, max_prompt_tokens: int) -> np.ndarray:
     """Rows that may have a problem or a warning, computed on whole columns: a superset of what
     io/manifest (Row.error) and the prompt-length warning find, never fewer rows."""
@@ -212,13 +222,7 @@ def validate_manifest(
                 if row.error:
                     report.add_problem(row.id, row.index, row.error)
                     continue
-                refused = check_row_input(row.image, policy) if row.image_bytes is None and row.image else None
-                if not refused and row.ip_image and row.ip_image_bytes is None:
-                    refused = check_row_input(row.ip_image, policy)
-                    refused = f"ip_image: {refused}" if refused else None
-                if not refused and row.mask and row.mask_bytes is None:
-                    refused = check_row_input(row.mask, policy)
-                    refused = f"mask: {refused}" if refused else None
+                refused = _refused_input(row, policy)
                 if refused:
                     report.add_problem(row.id, row.index, refused)
                     continue

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from pnp_batch.errors import UsageError
 from pnp_batch.io.metrics import SCORE_SCHEMA, read_scores
-from pnp_batch.io.output_paths import located
+from pnp_batch.io.output_paths import locate_files
 from pnp_batch.io.results import latest_results
 
 # The score columns as the view names them (the others keep their names).
@@ -55,12 +55,7 @@ def latest_view(out: str, columns: list[str] | None = None) -> pa.Table:
     results = latest_results(out, columns)
     if results.num_rows:
         results = results.take(pc.sort_indices(results.column("id")))
-    for col, folder in (("output", "images"), ("mask", "masks")):  # where each file is now (a relative --out
-        if col in results.column_names:  # recorded relative paths)
-            i = results.column_names.index(col)
-            now = [located(out, u, folder) for u in results.column(col).to_pylist()]
-            results = results.set_column(i, col, pa.array(now, pa.string()))
-    return join_scores(results, read_scores(out))
+    return join_scores(locate_files(out, results), read_scores(out))  # files where they are now
 
 
 def _duckdb() -> Any:

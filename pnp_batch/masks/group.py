@@ -56,6 +56,11 @@ def mask_uri(out: str, row_id: str) -> str:
     return storage.join(out, MASKS_FOLDER, f"{row_id}.png")
 
 
+def write_mask(uri: str, mask: RowMask) -> None:
+    """OUT/masks/{id}.png: the mask as applied, at output size (8-bit, 0 = kept)."""
+    storage.write_bytes_atomic(uri, frame.mask_png(mask.pixels))
+
+
 class RegionMasks:
     """Masks for a translator; `tr` gives the model, the conditioning, the feature store and counters."""
 
@@ -176,11 +181,6 @@ class RegionMasks:
             images[j] = frame.paste(images[j], prepared, masks[rows[j].id].pixels)
         return images
 
-    def write(self, row: Row, mask: RowMask) -> str:
-        """OUT/masks/{id}.png: the mask as applied, at output size."""
-        uri = mask_uri(self.tr.out, row.id)
-        storage.write_bytes_atomic(uri, frame.mask_png(mask.pixels))
-        return uri
 
 
 def _image_size(data: bytes | None) -> tuple[int, int] | None:

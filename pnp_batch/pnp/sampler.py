@@ -44,7 +44,7 @@ class Region:
     target blends then (a target whose blending has ended counts as all ones). Made before the loop: the
     loop adds no host-device synchronisation."""
 
-    per_step: tuple[torch.Tensor | None, ...]
+    per_step: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]  # (mask, where it is 1) per step
 
     @classmethod
     def of(cls, masks: torch.Tensor, until: list[int], steps: int) -> Region:
@@ -58,7 +58,7 @@ class Region:
             if active not in cache:
                 cache[active] = torch.stack([m if a else ones for m, a in zip(masks, active)]) if any(active) else None
             out.append(cache[active])
-        return cls(tuple(out))
+        return cls(tuple(None if m is None else (m, m >= 1) for m in out))
 
 
 @dataclass
@@ -250,10 +250,11 @@ def pnp_sample(
                 e_base, e_cond = out.chunk(2)
             eps = e_base + g * (e_cond - e_base)
             x = sched.step(eps, t, x).prev_sample
-            m = region.per_step[i] if region is not None else None
-            if m is not None:  # outside the mask: the source's own latent of the next timestep
+            step_region = region.per_step[i] if region is not None else None
+            if step_region is not None:  # outside the mask: the source's own latent of the next timestep
+                m, inside = step_region
                 src = source_latents[i + 1].float()
-                x = torch.where(m >= 1, x, src + m * (x - src))
+                x = torch.where(inside, x, src + m * (x - src))
             if on_step is not None:
                 on_step(i)
     finally:

@@ -26,7 +26,7 @@ from pnp_batch.io.output_paths import output_uri
 from pnp_batch.io.policy import InputPolicy
 from pnp_batch.io.records import SCORES_FIELD, resolve, row_record
 from pnp_batch.io.rows import Row
-from pnp_batch.masks.group import RegionMasks, RowMask
+from pnp_batch.masks.group import RegionMasks, RowMask, mask_uri, write_mask
 from pnp_batch.models.load import Models, load_models
 from pnp_batch.models.tiny import TEST_MODEL_NOTE
 from pnp_batch.pnp.conditioning import TextCond
@@ -439,17 +439,20 @@ class Translator(SourceFeatures):
             ok = self._record(
                 r, "ok", output=uri, negative=neg, feature_key=key, cache_hit=hit, width=w, height=h,
                 invert_seconds=t_inv if not hit else 0.0, translate_seconds=t_tr, attempt=attempt,
-                warning=warning, mask=self.masks.write(r, m) if m is not None else None,
+                warning=warning, mask=mask_uri(self.out, r.id) if m is not None else None,
             )
             ok["image_sha256"] = image_sha256
             if score is not None:
                 ok[SCORES_FIELD] = score  # the driver writes it to OUT/eval/ (only if the image is written)
-            records.append(self._writer().submit(self._write_image, r, uri, img, ok))
+            records.append(self._writer().submit(self._write_image, r, uri, img, ok, m))
         return records
 
-    def _write_image(self, r: Row, uri: str, img: np.ndarray, ok: dict[str, Any]) -> dict[str, Any]:
-        """Encode and write one image (in a writer thread); its ok record, or a failed one saying why."""
+    def _write_image(self, r: Row, uri: str, img: np.ndarray, ok: dict[str, Any],
+                     mask: RowMask | None = None) -> dict[str, Any]:
+        """Encode and write one image and its mask (in a writer thread); its ok record, or a failed one saying why."""
         try:
+            if mask is not None:
+                write_mask(ok["mask"], mask)
             data = encode_image(img, self.cfg.output_format)
             storage.write_bytes_atomic(uri, data)
         except Exception as e:  # noqa: BLE001 - this row fails; the others go on
