@@ -22,14 +22,14 @@ injector installed) and the latent size; the caller splits a pack where they dif
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from pnp_batch.pnp.conditioning import TextCond
 from pnp_batch.pnp.injection import PnPController
 from pnp_batch.pnp.inversion import device_timesteps, make_scheduler
-from pnp_batch.pnp.sampler import Target
+from pnp_batch.pnp.sampler import Region, Target, _Call, denoise, target_settings
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,17 +95,6 @@ class PackOutput:
     source_elements: int
 
 
-@dataclass
-class _Call:
-    elements: torch.Tensor  # indices into the element list
-    n: int
-    sources: tuple[int, ...]  # the pack's sources whose branch this call carries (rows 0..len-1)
-    record: bool
-    conv_rows: PackRows | None
-    attn_rows: PackRows | None
-    emb: TextCond
-
-
 def _rows_of(mask: list[bool], sel: list[int], off: int, owner: list[int], n_t: int, pos: dict[int, int],
              device: torch.device) -> PackRows | None:
     """The injected rows among the call's elements `sel` (after `off` source rows), each with the row of
@@ -114,6 +103,23 @@ def _rows_of(mask: list[bool], sel: list[int], off: int, owner: list[int], n_t: 
         return None
     chosen = [(off + j, pos[owner[e % n_t]]) for j, e in enumerate(sel) if mask[e]]
     return _pack_rows([r for r, _ in chosen], [s for _, s in chosen], off, device)
+
+
+_SOURCE_ROWS: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+
+
+def _source_rows(srcs: tuple[int, ...], device: torch.device) -> slice | torch.Tensor | None:
+    """The source latents a call carries: a slice when they are the first ones, else a cached index."""
+    if not srcs:
+        return None
+    if srcs == tuple(range(len(srcs))):
+        return slice(0, len(srcs))
+    key = (str(device), srcs)
+    if key not in _SOURCE_ROWS:
+        if len(_SOURCE_ROWS) >= 4096:
+            _SOURCE_ROWS.clear()
+        _SOURCE_ROWS[key] = torch.tensor(srcs, device=device, dtype=torch.long)
+    return _SOURCE_ROWS[key]
 
 
 def _plan(owner: list[int], targets: list[Target], n_sources: int, uncond: TextCond, steps: int, max_batch: int,
@@ -147,8 +153,8 @@ def _plan(owner: list[int], targets: list[Target], n_sources: int, uncond: TextC
                 rows = all_emb.rows(index)
                 cache[key] = (TextCond.cat([uncond.expand(len(srcs)), rows]) if srcs else rows, index)
             emb, index = cache[key]
-            calls.append(_Call(index, len(sel), srcs, bool(srcs) and stop < n_el,
-                               _rows_of(inj_f, sel, off, owner, n_t, pos, device),
+            calls.append(_Call(index, len(sel), _source_rows(srcs, device), len(srcs),
+                               bool(srcs) and stop < n_el, _rows_of(inj_f, sel, off, owner, n_t, pos, device),
                                _rows_of(inj_a, sel, off, owner, n_t, pos, device), emb))
             start = stop
         plan.append(calls)
@@ -166,12 +172,14 @@ def pnp_sample_pack(
     steps: int,
     max_batch: int,
     on_step: Callable[[int], None] | None = None,
+    region: Region | None = None,
 ) -> PackOutput:
     """Translate S sources for their targets in shared UNet calls.
 
     source_latents[s]: (steps, 1, C, h, w), source s's stored inversion latents (noisiest first);
     targets[s]: its targets (any number, at least one per pack). uncond: emb("") for one element.
     `controller` is the PackController of the injector installed on `unet` (None: no injection).
+    `region` (over the targets of every source, in order) confines each target's change to its mask.
     Returns the latents per source and the pack's counts.
     """
     if not source_latents or len(source_latents) != len(targets):
@@ -185,60 +193,19 @@ def pnp_sample_pack(
     shape = source_latents[0].shape[2:]
     if any(z.shape[2:] != shape for z in source_latents):
         raise ValueError("the sources of a pack must share one latent size")
-    flat = [t for ts in targets for t in ts]
-    blend = flat[0].blend_alphas is not None
-    if any((t.blend_alphas is not None) != blend for t in flat):
-        raise ValueError("the targets of a pack must share the negative-prompt mode")
     device = source_latents[0].device
-    dtype = unet.dtype
-    if controller is None:
-        flat = [Target(t.cond, t.negative, t.guidance_scale, 0, 0, t.blend_alphas) for t in flat]
-    flat = [replace(t, cond=TextCond.of(t.cond).to(dtype), negative=TextCond.of(t.negative).to(dtype)) for t in flat]
-    owner = [s for s, ts in enumerate(targets) for _ in ts]
-    n_t = len(flat)
-    kinds = 3 if blend else 2
+    flat, g, alphas = target_settings([t for ts_ in targets for t in ts_], steps, device, unet.dtype,
+                                      controller is not None)
+    owner = [s for s, ts_ in enumerate(targets) for _ in ts_]
     sched = make_scheduler(scheduler_config, steps)
-    timesteps = [int(t) for t in sched.timesteps.tolist()]
-    ts = device_timesteps(timesteps, device)
-    plan = _plan(owner, flat, len(source_latents), TextCond.of(uncond).to(dtype), steps, max_batch, device, kinds)
-    g = torch.tensor([t.guidance_scale for t in flat], device=device, dtype=torch.float32).view(n_t, 1, 1, 1)
-    alphas = (torch.tensor([t.blend_alphas for t in flat], device=device, dtype=torch.float32).T
-              .reshape(steps, n_t, 1, 1, 1) if blend else None)
+    ts = device_timesteps([int(t) for t in sched.timesteps.tolist()], device)
+    plan = _plan(owner, flat, len(source_latents), TextCond.of(uncond).to(unet.dtype), steps, max_batch, device,
+                 3 if alphas is not None else 2)
+    arm = None if controller is None else (
+        lambda c: controller.set_pack_call(c.conv_rows, c.attn_rows, c.n_sources, c.record))
     src = torch.cat([z.float() for z in source_latents], dim=1)  # (steps, S, C, h, w)
-    x = src[0].index_select(0, torch.tensor(owner, device=device)).clone()
-    buffer = torch.empty((kinds * n_t, *x.shape[1:]), device=device, dtype=torch.float32)
-    calls = elements = src_elements = 0
-    try:
-        for i, t in enumerate(timesteps):
-            x_elems = x.repeat(kinds, 1, 1, 1)
-            out = buffer
-            for call in plan[i]:
-                xin = x_elems.index_select(0, call.elements) if call.n < len(x_elems) else x_elems
-                if call.sources:
-                    xin = torch.cat([src[i, list(call.sources)], xin])
-                if controller is not None:
-                    controller.set_pack_call(call.conv_rows, call.attn_rows, len(call.sources), call.record)
-                pred = unet(xin.to(dtype), ts[i], **call.emb.unet_kwargs()).sample.float()
-                if call.sources:
-                    pred = pred[len(call.sources):]
-                    src_elements += len(call.sources)
-                if call.n < len(x_elems):
-                    out.index_copy_(0, call.elements, pred)
-                else:
-                    out = pred
-                calls += 1
-                elements += call.n + len(call.sources)
-            if blend:
-                e_unc, e_neg, e_cond = out.chunk(3)
-                a = alphas[i]
-                e_base = a * e_unc + (1 - a) * e_neg
-            else:
-                e_base, e_cond = out.chunk(2)
-            eps = e_base + g * (e_cond - e_base)
-            x = sched.step(eps, t, x).prev_sample
-            if on_step is not None:
-                on_step(i)
-    finally:
-        if controller is not None:
-            controller.disable()
+    owner_t = torch.tensor(owner, device=device)
+    x = src[0].index_select(0, owner_t).clone()
+    x, calls, elements, src_elements = denoise(unet, controller, arm, sched, ts, plan, src, owner_t, x, g, alphas,
+                                               3 if alphas is not None else 2, region, on_step)
     return PackOutput(list(x.split([len(ts_) for ts_ in targets])), calls, elements, src_elements)

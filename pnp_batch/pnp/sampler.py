@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,12 +72,15 @@ class SampleOutput:
 
 @dataclass
 class _Call:
+    """One UNet call of a step (also the pack sampler's, pnp/packs.py)."""
+
     elements: torch.Tensor  # indices into the element list (device)
     n: int
-    has_source: bool
+    sources: slice | torch.Tensor | None  # the source rows this call carries first (of the source latents), or None
+    n_sources: int
     record: bool
-    conv_rows: slice | torch.Tensor | None
-    attn_rows: slice | torch.Tensor | None
+    conv_rows: Any
+    attn_rows: Any
     emb: TextCond  # conditioning for this call, one row per batch element
 
 
@@ -151,7 +155,8 @@ def _plan(
                 _Call(
                     elements=elements,
                     n=len(sel),
-                    has_source=has_source,
+                    sources=slice(0, 1) if has_source else None,
+                    n_sources=1 if has_source else 0,
                     record=has_source and stop < len(owner),
                     conv_rows=_rows([inject_f[e] for e in sel], offset, device) if need_source else None,
                     attn_rows=_rows([inject_a[e] for e in sel], offset, device) if need_source else None,
@@ -194,55 +199,75 @@ def pnp_sample(
     if max_batch < 2:
         raise ValueError("max_batch must be at least 2")
     device = source_latents.device
-    dtype = unet.dtype
-    k = len(targets)
-    blend = targets[0].blend_alphas is not None
-    if injector is None:
-        targets = [Target(t.cond, t.negative, t.guidance_scale, 0, 0, t.blend_alphas) for t in targets]
     sched = make_scheduler(scheduler_config, steps)
-    timesteps = [int(t) for t in sched.timesteps.tolist()]
-    ts = device_timesteps(timesteps, device)  # the UNet gets ts[i]: no host-device copy per call
+    ts = device_timesteps([int(t) for t in sched.timesteps.tolist()], device)  # ts[i]: no host-device copy per call
 
     # 2. plan
-    targets = [replace(t, cond=TextCond.of(t.cond).to(dtype), negative=TextCond.of(t.negative).to(dtype))
-               for t in targets]
-    plan = _plan(targets, TextCond.of(uncond).to(dtype), steps, max_batch, device, blend)
-    g = torch.tensor([t.guidance_scale for t in targets], device=device, dtype=torch.float32).view(k, 1, 1, 1)
-    alphas = (
-        torch.tensor([t.blend_alphas for t in targets], device=device, dtype=torch.float32).T.reshape(steps, k, 1, 1, 1)
-        if blend
-        else None
-    )
+    targets, g, alphas = target_settings(targets, steps, device, unet.dtype, injector is not None)
+    plan = _plan(targets, TextCond.of(uncond).to(unet.dtype), steps, max_batch, device, alphas is not None)
     controller = injector.controller if injector is not None else None
-    x = source_latents[0].float().expand(k, *source_latents.shape[2:]).clone()
-    kinds = 3 if blend else 2
-    buffer = torch.empty((kinds * k, *x.shape[1:]), device=device, dtype=torch.float32)
-    calls = elements = src_elements = 0
+    arm = None if controller is None else (
+        lambda c: controller.set_call(c.conv_rows, c.attn_rows, c.n_sources > 0, c.record))
+    src = source_latents.float()
+    x = src[0].expand(len(targets), *src.shape[2:]).clone()
 
     # 3. denoise
+    x, calls, elements, src_elements = denoise(unet, controller, arm, sched, ts, plan, src, None, x, g, alphas,
+                                               3 if alphas is not None else 2, region, on_step)
+    # 4. output
+    return SampleOutput(x, calls, elements, src_elements)
+
+
+def target_settings(targets: list[Target], steps: int, device: torch.device, dtype: torch.dtype,
+                    inject: bool) -> tuple[list[Target], torch.Tensor, torch.Tensor | None]:
+    """The targets' conditioning in the UNet's dtype (thresholds 0 when nothing is injected), their
+    guidance scales (T, 1, 1, 1) and, with "blend" negative prompting, the per-step alphas (steps, T, 1, 1, 1)."""
+    if any((t.blend_alphas is None) != (targets[0].blend_alphas is None) for t in targets):
+        raise ValueError("the targets of one loop must share the negative-prompt mode")
+    targets = [replace(t, cond=TextCond.of(t.cond).to(dtype), negative=TextCond.of(t.negative).to(dtype),
+                       **({} if inject else {"f_steps": 0, "attn_steps": 0})) for t in targets]
+    k = len(targets)
+    g = torch.tensor([t.guidance_scale for t in targets], device=device, dtype=torch.float32).view(k, 1, 1, 1)
+    alphas = (torch.tensor([t.blend_alphas for t in targets], device=device, dtype=torch.float32).T
+              .reshape(steps, k, 1, 1, 1) if targets[0].blend_alphas is not None else None)
+    return targets, g, alphas
+
+
+def denoise(unet, controller, arm: Callable[[_Call], None] | None, sched, ts: torch.Tensor, plan: list[list[_Call]],
+            src: torch.Tensor, owner: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor,
+            alphas: torch.Tensor | None, kinds: int, region: Region | None,
+            on_step: Callable[[int], None] | None) -> tuple[torch.Tensor, int, int, int]:
+    """The denoising loop of one source (pnp_sample) or of a pack of sources (pnp/packs.py): per step, the
+    planned calls (each with its source rows first), guidance, the scheduler step and the region blend.
+    src: (steps, S, C, h, w) float32 source latents; owner: each target's source (None: the one source);
+    x: (T, C, h, w) the targets' latents. Returns (x, UNet calls, batch elements, source elements)."""
+    n_t = len(x)
+    buffer = torch.empty((kinds * n_t, *x.shape[1:]), device=x.device, dtype=torch.float32)
+    calls = elements = src_elements = 0
+    timesteps = [int(t) for t in sched.timesteps.tolist()]
     try:
         for i, t in enumerate(timesteps):
             x_elems = x.repeat(kinds, 1, 1, 1)
             out = buffer
             for call in plan[i]:
                 xin = x_elems.index_select(0, call.elements) if call.n < len(x_elems) else x_elems
-                if call.has_source:
-                    xin = torch.cat([source_latents[i].float(), xin])
-                if controller is not None:
-                    controller.set_call(call.conv_rows, call.attn_rows, call.has_source, call.record)
-                pred = unet(xin.to(dtype), ts[i], **call.emb.unet_kwargs()).sample.float()
-                if call.has_source:
-                    pred = pred[1:]
-                    src_elements += 1
+                if call.sources is not None:
+                    xin = torch.cat([src[i, call.sources], xin])
+                if arm is not None:
+                    arm(call)
+                pred = unet(xin.to(unet.dtype), ts[i], **call.emb.unet_kwargs()).sample.float()
+                if call.n_sources:
+                    pred = pred[call.n_sources:]
+                    src_elements += call.n_sources
                 if call.n < len(x_elems):
                     out.index_copy_(0, call.elements, pred)
                 else:
                     out = pred  # one call covered every element: no copy
                 calls += 1
-                elements += call.n + (1 if call.has_source else 0)
+                elements += call.n + call.n_sources
             # Guidance is linear, so it applies to the model's raw output (eps or v) and
             # scheduler.step converts by the model's prediction type, as diffusers' pipelines do.
-            if blend:
+            if alphas is not None:
                 e_unc, e_neg, e_cond = out.chunk(3)
                 a = alphas[i]
                 e_base = a * e_unc + (1 - a) * e_neg
@@ -253,12 +278,11 @@ def pnp_sample(
             step_region = region.per_step[i] if region is not None else None
             if step_region is not None:  # outside the mask: the source's own latent of the next timestep
                 m, inside = step_region
-                src = source_latents[i + 1].float()
-                x = torch.where(inside, x, src + m * (x - src))
+                nxt = src[i + 1] if owner is None else src[i + 1].index_select(0, owner)
+                x = torch.where(inside, x, nxt + m * (x - nxt))
             if on_step is not None:
                 on_step(i)
     finally:
         if controller is not None:
             controller.disable()
-    # 4. output
-    return SampleOutput(x, calls, elements, src_elements)
+    return x, calls, elements, src_elements
