@@ -253,8 +253,6 @@ def validate(cfg: PipelineConfig) -> None:
     n = cfg.sources_per_batch  # packs of sources (docs/packs.md)
     if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64):
         raise ConfigError(f"sources_per_batch={n!r} must be 'auto' or a whole number from 1 to 64")
-    if n != "auto" and n > 1 and (cfg.mask_mode != "none" or cfg.ip_adapter):
-        raise ConfigError(f"sources_per_batch={n} does not combine with mask_mode or ip_adapter yet: use 1 or auto")
     if cfg.cuda_graphs not in (True, False, "auto"):
         raise ConfigError(f"cuda_graphs={cfg.cuda_graphs!r} must be true, false or 'auto' (on for CUDA devices)")
     if cfg.compile and cfg.cuda_graphs is True:

@@ -160,11 +160,14 @@ class RegionMasks:
     # -- after sampling ------------------------------------------------------------------------
     @staticmethod
     def region(rows: list[Row], masks: dict[str, RowMask], steps: int, device: torch.device) -> Region | None:
-        """The sampler's blending for these rows, or None when no row blends (all full masks)."""
-        if not masks or all(masks[r.id].full or masks[r.id].blend_steps == 0 for r in rows):
+        """The sampler's blending for these rows (a group's, or a pack's rows of several sources), or None when
+        no row blends. A row without a mask (a pack's filler) blends nowhere, as a full mask."""
+        use = [masks.get(r.id) for r in rows]
+        if all(m is None or m.full or m.blend_steps == 0 for m in use):
             return None
-        lat = torch.stack([masks[r.id].latent for r in rows]).to(device)  # (K, 1, h, w)
-        until = [0 if masks[r.id].full else masks[r.id].blend_steps for r in rows]
+        ones = torch.ones_like(next(m.latent for m in use if m is not None))
+        lat = torch.stack([ones if m is None else m.latent for m in use]).to(device)  # (K, 1, h, w)
+        until = [0 if m is None or m.full else m.blend_steps for m in use]
         return Region.of(lat, until, steps)
 
     def paste(self, rows: list[Row], images: np.ndarray, masks: dict[str, RowMask], source_data: bytes | None) -> np.ndarray:

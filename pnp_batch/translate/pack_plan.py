@@ -21,8 +21,6 @@ def pack_size(cfg) -> int:
     n = cfg.sources_per_batch
     if n != "auto":
         return int(n)
-    if cfg.mask_mode != "none" or cfg.ip_adapter:  # packs do not carry masks or image prompts (yet)
-        return 1
     side = cfg.resolution // 8
     return 4 if side <= 64 else 2 if side <= 96 else 1
 

@@ -40,10 +40,13 @@ import torch
 from pnp_batch.io.images import decode_image, resize_source
 from pnp_batch.io.inputs import open_row_input
 from pnp_batch.io.rows import Row
+from pnp_batch.masks.group import RegionMasks, RowMask
 from pnp_batch.pnp.graphs import GraphedUNet, base_unet
 from pnp_batch.pnp.injection import PnPInjector
 from pnp_batch.pnp.inversion import ddim_invert_many
 from pnp_batch.pnp.packs import PackController, pnp_sample_pack
+from pnp_batch.translate.finish import Feats, submit_rows, usable_rows
+from pnp_batch.translate.outputs import row_message
 from pnp_batch.translate.pack_plan import pack_size
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,8 @@ class _Slot:
         self.rows = [r for r in group if not r.error]
         self.data: bytes | None = None
         self.prompt = ""
-        self.feats: tuple[torch.Tensor, str, bool, float] | None = None  # latents, key, hit, seconds
+        self.feats: Feats | None = None
+        self.masks: dict[str, RowMask] = {}  # id -> mask (mask_mode), for the rows whose mask could be used
         self.failed: Exception | None = None
         self.prepared: Any = None  # the preprocessed source, for run --eval
         self.twin: _Slot | None = None  # an earlier slot of the same source and features
@@ -74,10 +78,14 @@ def start_pack(tr, groups: list[list[Row]], attempt: int = 1) -> list[list[dict[
     n = pack_size(tr.cfg)
     slots = [_Slot(j, g, tr, attempt) for j, g in enumerate(groups)]
     _features(tr, slots, n)
+    for s in slots:  # image prompts and masks; a row whose own cannot be used fails and stays as a filler
+        if s.rows and s.feats is not None:
+            s.rows, bad, s.masks = usable_rows(tr, s.rows, s.feats, s.data, attempt, fillers=True)
+            s.records += bad
     by_kind: dict[tuple, list[_Slot]] = {}
     for s in slots:
         if s.rows and s.feats is not None:
-            by_kind.setdefault(_kind(tr, s.rows[0], s.feats[0].shape), []).append(s)
+            by_kind.setdefault(_kind(tr, s.rows[0], s.feats.latents.shape), []).append(s)
     for s in slots:  # an unreadable source keeps its slot (zero latents) among the sources like it
         if s.rows and s.feats is None:
             s.records += tr._source_failed(s.rows, s.failed or RuntimeError("no features"), attempt)
@@ -133,7 +141,7 @@ def _features(tr, slots: list[_Slot], n: int) -> None:
             hit = _stored(tr, key)
             if hit is not None:
                 tr.counters.cache_hits += 1
-                s.feats = (hit.to(tr.models.device), key, True, time.perf_counter() - t0)
+                s.feats = Feats(hit.to(tr.models.device), key, True, time.perf_counter() - t0)
                 continue
             img = decode_image(s.data, tr.cfg.max_pixels)
             resized = resize_source(img, tr.cfg.resolution, tr.cfg.resize_mode)
@@ -168,11 +176,12 @@ def _features(tr, slots: list[_Slot], n: int) -> None:
                     "inversion_prompt": s.prompt, "timesteps": tr.timesteps, "width": size[0], "height": size[1],
                     "sources_per_batch": n, "slot": s.index}
             tr._store_features(key, lat, meta)
-            s.feats = (lat, key, False, seconds)
+            s.feats = Feats(lat, key, False, seconds)
     for s in slots:  # a second group of the same source (other sweep settings) shares its features
         if s.twin is not None:
             t = s.twin
-            s.feats, s.failed = ((t.feats[0], t.feats[1], True, 0.0) if t.feats else None), t.failed
+            s.feats = Feats(t.feats.latents, t.feats.key, True, 0.0) if t.feats is not None else None
+            s.failed = t.failed
             s.prepared = t.prepared
 
 
@@ -214,18 +223,24 @@ def _sample(tr, kind: tuple, run: list[tuple[_Slot, list[Row]]], attempt: int) -
     t0 = time.perf_counter()
     try:
         controller = use_pack_points(tr, points)
-        ref = next(s.feats[0] for s, _ in live if s.feats is not None)
+        ref = next(s.feats.latents for s, _ in live if s.feats is not None)
         lats, targets, negs = [], [], []
         for s, rows in live:
-            lats.append(s.feats[0] if s.feats is not None else torch.zeros_like(ref))
+            lats.append(s.feats.latents if s.feats is not None else torch.zeros_like(ref))
             t, ng = tr._targets(rows, ref.shape)
             targets.append(t)
             negs.append(ng)
+        region = None
+        if tr.masks is not None:  # every row of the run blends with its own mask (fillers: nowhere)
+            region = RegionMasks.region([r for _, rows in live for r in rows],
+                                        {k: m for s, _ in live for k, m in s.masks.items()}, tr.cfg.steps, ref.device)
         out = pnp_sample_pack(tr.models.unet, controller, tr.models.scheduler_config, lats,
-                              tr.condition([""], ref.shape), targets, tr.cfg.steps, tr.max_batch)
+                              tr.condition([""], ref.shape), targets, tr.cfg.steps, tr.max_batch, region=region)
         tr.counters.sample_calls += out.unet_calls
         tr.counters.sample_elements += out.batch_elements
         tr.counters.source_elements += out.source_elements
+        if tr.image_prompts is not None:
+            tr.counters.image_encodes = tr.image_prompts.encoded
         per_target = 3 if mode == "blend" else 2
         k_max = max(1, (tr.max_batch - 1) // per_target)
         t_tr = (time.perf_counter() - t0) / max(1, sum(len(rows) for _, rows in live))
@@ -233,45 +248,18 @@ def _sample(tr, kind: tuple, run: list[tuple[_Slot, list[Row]]], attempt: int) -
         log.exception("translation of a pack of %d sources failed", len(live))
         for s, rows in live:
             if s.feats is not None:
-                msg = _message(e, rows[0])
-                s.records += [tr._record(r, "failed", error=msg, feature_key=s.feats[1], cache_hit=s.feats[2],
+                msg = row_message(e, rows[0])
+                s.records += [tr._record(r, "failed", error=msg, feature_key=s.feats.key, cache_hit=s.feats.hit,
                                          attempt=attempt) for r in rows if not r.companion]
         return
     for (s, rows), lat, ng in zip(live, out.latents, negs):
         if s.feats is None or all(r.companion for r in rows):
             continue  # a filler slot, or companions only: nothing written
         images = np.concatenate([tr.decode(lat[i : i + k_max]) for i in range(0, len(rows), k_max)])
-        s.records += _write(tr, s, rows, images, ng, t_tr, attempt)
-
-
-def _write(tr, s: _Slot, rows: list[Row], images, negs: list[str], t_tr: float,
-           attempt: int) -> list[dict[str, Any] | Future]:
-    """As Translator._finish after sampling: score (run --eval), write the images of the rows to do."""
-    from pnp_batch.io.output_paths import output_uri
-    from pnp_batch.io.records import SCORES_FIELD
-
-    latents, key, hit, t_inv = s.feats
-    h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
-    scores: list = [None] * len(rows)
-    if tr.scorer is not None:
-        source = s.prepared if s.prepared is not None else tr._eval_source({}, 0, s.data)
-        scores = tr._scores(rows, images, source)
-    out: list[dict[str, Any] | Future] = []
-    for r, img, neg, score in zip(rows, images, negs, scores):
-        if r.companion:
-            continue
-        uri = output_uri(tr.out, r.id, tr.cfg.output_format)
-        ok = tr._record(r, "ok", output=uri, negative=neg, feature_key=key, cache_hit=hit, width=w, height=h,
-                        invert_seconds=t_inv if not hit else 0.0, translate_seconds=t_tr, attempt=attempt,
-                        warning=tr.prompt_warning(r.target_prompt))
-        ok["image_sha256"] = hashlib.sha256(s.data).hexdigest() if s.data is not None else None
-        if score is not None:
-            ok[SCORES_FIELD] = score
-        out.append(tr._writer().submit(tr._write_image, r, uri, img, ok))
-    return out
-
-
-def _message(e: BaseException, row: Row) -> str:
-    from pnp_batch.translate.outputs import row_message
-
-    return row_message(e, row)
+        if s.masks:
+            images = tr.masks.paste(rows, images, s.masks, s.data)
+        source = None
+        if tr.scorer is not None:
+            source = s.prepared if s.prepared is not None else tr._eval_source({}, 0, s.data)
+        sha = hashlib.sha256(s.data).hexdigest() if s.data is not None else None
+        s.records += submit_rows(tr, rows, images, ng, s.masks, s.feats, t_tr, attempt, source, sha)

@@ -22,11 +22,10 @@ from pnp_batch.io import storage
 from pnp_batch.io.features import FeatureStore
 from pnp_batch.io.images import encode_image
 from pnp_batch.io.inputs import open_row_input
-from pnp_batch.io.output_paths import output_uri
 from pnp_batch.io.policy import InputPolicy
-from pnp_batch.io.records import SCORES_FIELD, resolve, row_record
+from pnp_batch.io.records import resolve, row_record
 from pnp_batch.io.rows import Row
-from pnp_batch.masks.group import RegionMasks, RowMask, mask_uri, write_mask
+from pnp_batch.masks.group import RegionMasks, RowMask, write_mask
 from pnp_batch.models.load import Models, load_models
 from pnp_batch.models.tiny import TEST_MODEL_NOTE
 from pnp_batch.pnp.conditioning import TextCond
@@ -34,7 +33,8 @@ from pnp_batch.pnp.graphs import GraphedUNet, base_unet
 from pnp_batch.pnp.injection import PnPInjector
 from pnp_batch.pnp.layers import InjectionPoints, injection_points
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
-from pnp_batch.translate.image_prompts import ImagePrompts, split_unusable
+from pnp_batch.translate.finish import Feats, submit_rows, usable_rows
+from pnp_batch.translate.image_prompts import ImagePrompts
 from pnp_batch.translate.outputs import row_message, to_uint8
 from pnp_batch.translate.pack_plan import pack_size
 from pnp_batch.translate.packs import start_pack
@@ -406,46 +406,21 @@ class Translator(SourceFeatures):
                 attempt: int, source: Any = None, image_sha256: str | None = None,
                 source_data: bytes | None = None) -> list[dict[str, Any]]:
         """Sample and decode the images of one group, write those of the rows to do (not of the
-        companions: see Row.companion), and build their records."""
-        # an unreadable ip_image (or one in a run without ip_adapter) fails its row only
-        rows, unusable = split_unusable(self.image_prompts, rows, self.cfg.ip_adapter_scale, lambda r, msg: self._record(
-            r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt))
-        masks: dict[str, RowMask] = {}
-        if self.masks is not None and rows:  # a mask that cannot be used fails its row only
-            rows, bad, masks = self.masks.prepare(rows, latents, key, source_data, lambda r, msg: self._record(
-                r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt))
-            unusable += bad
+        companions: see Row.companion), and build their records (translate/finish.py)."""
+        feats = Feats(latents, key, hit, t_inv)
+        rows, unusable, masks = usable_rows(self, rows, feats, source_data, attempt)
         if all(r.companion for r in rows):
             return unusable
-        first = rows[0]
-        h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
         try:
             t0 = time.perf_counter()
             images, negs = self.translate(latents, rows, masks, source_data)
             t_tr = (time.perf_counter() - t0) / len(rows)
         except Exception as e:
-            msg = row_message(e, first)
-            log.exception("translation of %d rows from %s failed", len(rows), first.image or first.id)
+            log.exception("translation of %d rows from %s failed", len(rows), rows[0].image or rows[0].id)
+            msg = row_message(e, rows[0])
             return unusable + [self._record(r, "failed", error=msg, feature_key=key, cache_hit=hit, attempt=attempt)
                                for r in rows if not r.companion]
-        scores = self._scores(rows, images, source, masks) if self.scorer is not None else [None] * len(rows)
-        records: list[dict[str, Any] | Future] = list(unusable)
-        for r, img, neg, score in zip(rows, images, negs, scores):
-            if r.companion:
-                continue
-            uri = output_uri(self.out, r.id, self.cfg.output_format)
-            m = masks.get(r.id)
-            warning = "; ".join(x for x in (self.prompt_warning(r.target_prompt), m and m.warning) if x) or None
-            ok = self._record(
-                r, "ok", output=uri, negative=neg, feature_key=key, cache_hit=hit, width=w, height=h,
-                invert_seconds=t_inv if not hit else 0.0, translate_seconds=t_tr, attempt=attempt,
-                warning=warning, mask=mask_uri(self.out, r.id) if m is not None else None,
-            )
-            ok["image_sha256"] = image_sha256
-            if score is not None:
-                ok[SCORES_FIELD] = score  # the driver writes it to OUT/eval/ (only if the image is written)
-            records.append(self._writer().submit(self._write_image, r, uri, img, ok, m))
-        return records
+        return unusable + submit_rows(self, rows, images, negs, masks, feats, t_tr, attempt, source, image_sha256)
 
     def _write_image(self, r: Row, uri: str, img: np.ndarray, ok: dict[str, Any],
                      mask: RowMask | None = None) -> dict[str, Any]:

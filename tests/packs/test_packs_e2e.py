@@ -126,17 +126,16 @@ def test_sources_per_batch_one_keeps_the_config_hash_and_checks_its_values():
             load_config("tiny", {"sources_per_batch": bad})
 
 
-def test_packs_score_with_run_eval_and_refuse_masks_and_image_prompts(tmp_path, capsys):
-    """run --eval scores every packed row; masks and image prompts do not ride in packs yet: an explicit
-    N > 1 with them exits 2 before any work, `auto` falls back to 1 with them."""
+def test_packs_score_with_run_eval_and_auto_packs_masks_and_image_prompts(tmp_path):
+    """run --eval scores every packed row; `auto` packs runs with masks or image prompts too
+    (tests/packs/test_packs_regions.py), by the resolution alone."""
     manifest = _inputs(tmp_path / "in")
     out = tmp_path / "o"
     assert _run(manifest, out, 4, "--eval") == 0
     scores = pq.read_table(out / "eval").to_pylist()
     assert len(scores) == N_SOURCES and {s["status"] for s in scores} == {"ok"}
-    assert _run(manifest, tmp_path / "m", 4, "--set", "mask_mode=auto") == 2
-    assert "does not combine with mask_mode or ip_adapter" in capsys.readouterr().err
-    cfg = load_config("tiny", {"sources_per_batch": "auto", "mask_mode": "auto"})
     from pnp_batch.translate.pack_plan import pack_size
 
-    assert pack_size(cfg) == 1 and pack_size(cfg.replace(mask_mode="none")) == 4
+    cfg = load_config("tiny", {"sources_per_batch": "auto", "mask_mode": "auto"})
+    assert pack_size(cfg) == pack_size(cfg.replace(mask_mode="none")) == 4
+    assert pack_size(cfg.replace(resolution=768)) == 2 and pack_size(cfg.replace(resolution=1024)) == 1
