@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -45,16 +44,6 @@ def _run(manifest: Path, out: Path, n: int, *extra: str) -> int:
     return main(["run", str(manifest), "--out", str(out), *FAST, "--set", f"sources_per_batch={n}", *extra])
 
 
-def _forget(out: Path, ids: set[str]) -> None:
-    """As if the run had died before these rows were written: their records and images gone."""
-    for shard in (out / "results").glob("*.parquet"):
-        t = pq.read_table(shard)
-        keep = pa.compute.invert(pa.compute.is_in(t["id"], value_set=pa.array(sorted(ids))))
-        pq.write_table(t.filter(keep), shard)
-    for i in ids:
-        (out / "images" / f"{i}.png").unlink()
-
-
 @pytest.fixture(scope="module")
 def packed_reference(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("packs")
@@ -87,12 +76,12 @@ def test_packs_cut_unet_calls_per_image_and_keep_elements(packed_reference, tmp_
         assert np.abs(x - y).max() <= 2, name
 
 
-def test_a_run_resumed_mid_pack_writes_the_bytes_of_an_uninterrupted_run(packed_reference, tmp_path):
+def test_a_run_resumed_mid_pack_writes_the_bytes_of_an_uninterrupted_run(packed_reference, tmp_path, forget):
     manifest, ref = packed_reference
     out = tmp_path / "out"
     assert _run(manifest, out, 4) == 0
     # rows of the first pack (slots 1 and 2 of 4) and of the second (slot 1 of 2) are lost
-    _forget(out, {"s1-0", "s2-0", "s5-0"})
+    forget(out, {"s1-0", "s2-0", "s5-0"})
     assert _run(manifest, out, 4) == 0
     assert _images(out) == _images(ref)
     last = _summaries(out)[-1]

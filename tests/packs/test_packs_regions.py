@@ -75,28 +75,21 @@ def _unet(out: Path) -> tuple[int, int, int]:
     return u["sample_calls"], u["sample_elements"], u["source_elements"]
 
 
-def _forget(out: Path, ids: set[str]) -> None:
-    for shard in (out / "results").glob("*.parquet"):
-        t = pq.read_table(shard)
-        pq.write_table(t.filter(pa.compute.invert(pa.compute.is_in(t["id"], value_set=pa.array(sorted(ids))))), shard)
-    for i in ids:
-        (out / "images" / f"{i}.png").unlink()
-        mask = out / "masks" / f"{i}.png"
-        if mask.exists():
-            mask.unlink()
-
-
 MASKED = {i: {"mask": "left.png"} for i in range(N_SOURCES)}
 PASTE = ["--set", "mask_mode=manifest", "--set", "mask_paste=true"]
 
 
+def _unpacked_and_packed(folder: Path, rows: dict[int, dict], *args: str) -> tuple[Path, str]:
+    """The manifest run with N = 1 (folder/n1) and N = 4 (folder/n4)."""
+    manifest = _manifest(folder, "m.parquet", rows)
+    assert _run(manifest, folder / "n1", 1, *args) == 0
+    assert _run(manifest, folder / "n4", 4, *args) == 0
+    return folder, manifest
+
+
 @pytest.fixture(scope="module")
 def masked(tmp_path_factory, tiny_model_dir):
-    folder = _folder(tmp_path_factory.mktemp("packmasks"))
-    manifest = _manifest(folder, "masked.parquet", MASKED)
-    assert _run(manifest, folder / "n1", 1, *PASTE) == 0
-    assert _run(manifest, folder / "n4", 4, *PASTE) == 0
-    return folder, manifest
+    return _unpacked_and_packed(_folder(tmp_path_factory.mktemp("packmasks")), MASKED, *PASTE)
 
 
 def test_masks_ride_in_packs_the_kept_half_exactly_the_source(masked):
@@ -135,32 +128,29 @@ def test_an_unusable_mask_fails_its_row_and_leaves_the_pack_as_it_was(masked, tm
     assert _unet(out) == _unet(folder / "n4")
 
 
-def test_a_masked_run_resumed_mid_pack_writes_the_uninterrupted_bytes(masked, tmp_path):
+def test_a_masked_run_resumed_mid_pack_writes_the_uninterrupted_bytes(masked, tmp_path, forget):
     folder, manifest = masked
     out = tmp_path / "o"
     assert _run(manifest, out, 4, *PASTE) == 0
-    _forget(out, {"s1-1", "s3-0", "s4-1"})
+    forget(out, {"s1-1", "s3-0", "s4-1"})
     assert _run(manifest, out, 4, *PASTE) == 0
     assert _images(out) == _images(folder / "n4")
     assert _summary(out)["counts"]["ok"] == 3
 
 
-def test_found_masks_in_packs_and_a_resumed_run_keeps_their_bytes(tmp_path, tiny_model_dir):
+def test_found_masks_in_packs_and_a_resumed_run_keeps_their_bytes(tmp_path, tiny_model_dir, forget):
     """mask_mode auto in packs: each source's DiffEdit pass runs before its pack is sampled, as many UNet
     elements as unpacked (its draws are seeded by the feature key, which carries N: packed masks are not
     the unpacked ones bit for bit); a run resumed mid-pack reads the masks back and writes the same bytes."""
-    folder = _folder(tmp_path / "in")
-    manifest = _manifest(folder, "m.parquet")
     auto = ["--set", "mask_mode=auto", "--set", "mask_samples=2"]
-    assert _run(manifest, tmp_path / "n1", 1, *auto) == 0
-    assert _run(manifest, tmp_path / "n4", 4, *auto) == 0
+    _, manifest = _unpacked_and_packed(_folder(tmp_path), {}, *auto)
     u1, u4 = (_summary(tmp_path / n)["stats"]["unet"] for n in ("n1", "n4"))
     assert u4["masks_found"] == u1["masks_found"] == 2 * N_SOURCES
     assert u4["mask_elements"] == u1["mask_elements"]
     assert u4["sample_calls"] < u1["sample_calls"]
     assert len(list((tmp_path / "n4" / "masks").glob("*.png"))) == 2 * N_SOURCES
     ref = _images(tmp_path / "n4")
-    _forget(tmp_path / "n4", {"s0-1", "s4-0"})
+    forget(tmp_path / "n4", {"s0-1", "s4-0"})
     assert _run(manifest, tmp_path / "n4", 4, *auto) == 0
     assert _images(tmp_path / "n4") == ref
     last = _summary(tmp_path / "n4")["stats"]["unet"]
@@ -172,12 +162,8 @@ IP = ["--set", "ip_adapter=tiny"]
 
 @pytest.fixture(scope="module")
 def prompted(tmp_path_factory, tiny_model_dir):
-    folder = _folder(tmp_path_factory.mktemp("packip"))
     rows = {0: {"ip_image": "style.png"}, 2: {"ip_image": "style.png"}, 3: {"ip_image": "style.png"}}
-    manifest = _manifest(folder, "ip.parquet", rows)
-    assert _run(manifest, folder / "n1", 1, *IP) == 0
-    assert _run(manifest, folder / "n4", 4, *IP) == 0
-    return folder, manifest
+    return _unpacked_and_packed(_folder(tmp_path_factory.mktemp("packip")), rows, *IP)
 
 
 def test_image_prompts_ride_in_packs(prompted):
@@ -205,10 +191,10 @@ def test_an_unusable_image_prompt_fails_its_row_and_leaves_the_pack_as_it_was(pr
     assert _unet(out) == _unet(folder / "n4")  # the failed rows sampled as fillers: the same calls
 
 
-def test_an_image_prompt_run_resumed_mid_pack_writes_the_uninterrupted_bytes(prompted, tmp_path):
+def test_an_image_prompt_run_resumed_mid_pack_writes_the_uninterrupted_bytes(prompted, tmp_path, forget):
     folder, manifest = prompted
     out = tmp_path / "o"
     assert _run(manifest, out, 4, *IP) == 0
-    _forget(out, {"s0-1", "s2-0"})
+    forget(out, {"s0-1", "s2-0"})
     assert _run(manifest, out, 4, *IP) == 0
     assert _images(out) == _images(folder / "n4")

@@ -8,9 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -39,34 +37,26 @@ def _summaries(out: Path) -> list[dict]:
     return sorted((json.loads(p.read_text()) for p in (out / "runs").glob("*.json")), key=lambda d: d["started_at"])
 
 
-def _forget(out: Path, ids: set[str]) -> None:
-    for shard in (out / "results").glob("*.parquet"):
-        t = pq.read_table(shard)
-        pq.write_table(t.filter(pa.compute.invert(pa.compute.is_in(t["id"], value_set=pa.array(sorted(ids))))), shard)
-    for i in ids:
-        (out / "images" / f"{i}.png").unlink()
-
-
 def _run(manifest: Path, out: Path, *args: str) -> int:
     return main(["run", str(manifest), "--out", str(out), *FAST, *args])
 
 
 @pytest.mark.parametrize("pipeline", ["tiny", "tiny-sdxl"])
-def test_packs_resume_mid_pack_with_the_uninterrupted_bytes(tmp_path, pipeline, request):
+def test_packs_resume_mid_pack_with_the_uninterrupted_bytes(tmp_path, pipeline, request, forget):
     request.getfixturevalue("tiny_sdxl_dir" if pipeline == "tiny-sdxl" else "tiny_model_dir")
     manifest = _manifest(tmp_path / "in", 3)
     args = ["--pipeline", pipeline, "--set", "sources_per_batch=2"]
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert _run(manifest, ref, *args) == 0
     assert _run(manifest, out, *args) == 0
-    _forget(out, {"s1"})
+    forget(out, {"s1"})
     assert _run(manifest, out, *args) == 0
     assert _images(out) == _images(ref) and len(_images(ref)) == 3
     assert _summaries(out)[-1]["counts"]["companions"] == 1
     assert _summaries(ref)[0]["stats"]["unet"]["sample_calls"] == 2 * 4  # packs [s0, s1], [s2]: 2 calls a step
 
 
-def test_a_sweep_in_packs(tmp_path, tiny_model_dir):
+def test_a_sweep_in_packs(tmp_path, tiny_model_dir, forget):
     """Each source's grid is 4 rows in 2 groups (two layer settings); a pack of 4 groups holds both
     sources' groups: the groups of one layer setting share calls (thresholds differ within a call), the
     two settings are sampled apart (another injector), and each source is inverted once."""
@@ -86,6 +76,6 @@ def test_a_sweep_in_packs(tmp_path, tiny_model_dir):
         assert np.abs(x - np.asarray(Image.open(one / "images" / name), dtype=int)).max() <= 2, name
     assert _run(manifest, out, *packed) == 0
     third = sorted(r["id"] for r in ds.dataset(str(out / "results")).to_table().to_pylist() if r["id"].startswith("s1."))[2]
-    _forget(out, {third})  # a row of the second source's grid (ids from the swept values, docs/sweeps.md)
+    forget(out, {third})  # a row of the second source's grid (ids from the swept values, docs/sweeps.md)
     assert _run(manifest, out, *packed) == 0
     assert _images(out) == _images(ref)
