@@ -194,3 +194,26 @@ def _noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
 def noise_image() -> Callable[..., Image.Image]:
     """``noise_image(width, height, seed=0)``: a deterministic RGB test image made in memory."""
     return _noise_image
+
+
+# --- resume tests: rows lost as if a run had died before writing them ------------------------------
+
+
+def _forget_rows(out, ids: set[str]) -> None:
+    """Drop these rows' records from OUT/results and their images and masks, as if a run had died before
+    writing them (tests/packs/)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for shard in (out / "results").glob("*.parquet"):
+        t = pq.read_table(shard)
+        pq.write_table(t.filter(pc.invert(pc.is_in(t["id"], value_set=pa.array(sorted(ids))))), shard)
+    for i in ids:
+        (out / "images" / f"{i}.png").unlink()
+        (out / "masks" / f"{i}.png").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def forget() -> Callable[..., None]:
+    return _forget_rows
