@@ -214,6 +214,36 @@ def _forget_rows(out, ids: set[str]) -> None:
         (out / "masks" / f"{i}.png").unlink(missing_ok=True)
 
 
+def output_images(out) -> dict[str, bytes]:
+    """OUT/images: file name -> bytes."""
+    return {p.name: p.read_bytes() for p in sorted((out / "images").glob("*.png"))}
+
+
+def run_summaries(out) -> list[dict]:
+    """OUT/runs/*.json, oldest run first."""
+    import json
+
+    return sorted((json.loads(p.read_text()) for p in (out / "runs").glob("*.json")), key=lambda d: d["started_at"])
+
+
 @pytest.fixture
 def forget() -> Callable[..., None]:
     return _forget_rows
+
+
+# --- Ray: one small local instance for the whole session ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_instance() -> Iterator[str]:
+    """One small local Ray instance for the whole session (the Ray engine's tests); yields its address."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield ray.get_runtime_context().gcs_address
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024,
+             log_to_driver=True, configure_logging=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

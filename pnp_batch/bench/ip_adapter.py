@@ -11,7 +11,6 @@ runs for K rows sharing 2 distinct images (target: 2, once per distinct image).
 from __future__ import annotations
 
 import io
-import json
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pnp_batch.bench.measure import write_json
 from pnp_batch.io.rows import Row
 
 OVERHEAD_TARGET = 1.10
@@ -126,8 +126,5 @@ def run_ip_bench(args) -> int:
     print(f"  sampling without adapter {out['seconds_without_adapter']:.3f} s, with {out['seconds_with_adapter']:.3f} s: "
           f"ip_adapter_overhead {out['ip_adapter_overhead']:.3f} (target <= {OVERHEAD_TARGET})")
     print(f"  image encoder runs: {out['image_encodes']} for {out['distinct_images']} distinct images (counted)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+    write_json(args.json, out)
     return 0

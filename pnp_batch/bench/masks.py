@@ -10,7 +10,6 @@ feature store (0 more UNet calls).
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pnp_batch.bench.measure import write_json
 from pnp_batch.io.rows import Row
 
 BLEND_TARGET = 1.02
@@ -102,8 +102,5 @@ def run_masks_bench(args) -> int:
     print(f"  mask_mode auto: {out['auto_mask_elements_per_source']} UNet elements for one source's {out['k']} "
           f"targets at mask_samples={out['mask_samples']} (target <= {(out['k'] + 1) * out['mask_samples']}); "
           f"a second pass: {out['auto_mask_calls_second_pass']} UNet calls (counted)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+    write_json(args.json, out)
     return 0

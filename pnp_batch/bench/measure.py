@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import threading
@@ -46,6 +47,17 @@ class UNetCounter:
         self._handle.remove()
         if self._post is not None:
             self._post.remove()
+
+
+def write_json(path: str | None, out: dict[str, Any]) -> None:
+    """`pnp-batch bench --json PATH`: the figures as JSON (its folder made), and say where; nothing without a path."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+        f.write("\n")
+    print(f"bench: wrote {path}")
 
 
 def _rss_reader():

@@ -15,8 +15,6 @@ against N = 1, elements per image unchanged.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import tempfile
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import torch
 
 from pnp_batch.bench.inputs import PROMPTS, bench_dtype, bench_settings, set_threads, synthetic_sources
-from pnp_batch.bench.measure import Clock, PeakMemory, UNetCounter
+from pnp_batch.bench.measure import Clock, PeakMemory, UNetCounter, write_json
 
 
 def unet_flops_per_element(models, resolution: int, cond) -> float:
@@ -53,12 +51,9 @@ def _one(tr, counter: UNetCounter, clock: Clock, device, sources: list[bytes], k
     from pnp_batch.io import storage
     from pnp_batch.io.features import FeatureStore
     from pnp_batch.io.records import resolve
-    from pnp_batch.translate.packs import use_plain_points
 
     tr.cfg = tr.cfg.replace(sources_per_batch=n)
-    tr.pack = n
-    if n == 1:
-        use_plain_points(tr)
+    tr.pack = n  # N = 1: the translator's use_points puts a plain controller back
     tr.features = FeatureStore(storage.join(tr.out, f"features-{tag}"))
     groups = _groups(sources, k, tag)
     mark = counter.mark()
@@ -128,12 +123,7 @@ def run_pack_bench(args) -> int:
            "per_k": {str(k): {str(n): _figures(runs[(k, n)], flops) for n in ns} for k in ks}}
     out["targets"] = _judge(out, ns)
     print(format_packs(out), flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
-        print(f"bench: wrote {args.json}")
+    write_json(args.json, out)
     return 0
 
 

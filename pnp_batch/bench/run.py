@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pnp_batch.bench.figures import (
     judge,
     sweep_figures,
 )
-from pnp_batch.bench.measure import PeakMemory, dynamo_stats, graph_use
+from pnp_batch.bench.measure import PeakMemory, dynamo_stats, graph_use, write_json
 from pnp_batch.bench.paths import Bench, fresh_store, run_all
 
 
@@ -113,12 +112,7 @@ def run_bench(args) -> int:
     out["targets"] = judge(out, s, args.arch)
     b.counter.remove()
     print(format_table(out), flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
-        print(f"bench: wrote {args.json}")
+    write_json(args.json, out)
     if getattr(args, "data", False):
         from pnp_batch.bench import data as bench_data
 

@@ -29,7 +29,7 @@ import torch
 from pnp_batch.pnp.conditioning import TextCond
 from pnp_batch.pnp.injection import PnPController
 from pnp_batch.pnp.inversion import device_timesteps, make_scheduler
-from pnp_batch.pnp.sampler import Region, Target, _Call, denoise, target_settings
+from pnp_batch.pnp.sampler import Call, Region, Target, denoise, index_tensor, target_settings
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,8 +52,7 @@ def _pack_rows(rows: list[int], src: list[int], n_sources: int, device: torch.de
     if key not in _PACK_ROWS:
         if len(_PACK_ROWS) >= 4096:  # patterns are few; bound it anyway (graphs keep theirs alive)
             _PACK_ROWS.clear()
-        _PACK_ROWS[key] = PackRows(torch.tensor(rows, device=device, dtype=torch.long),
-                                   torch.tensor(src, device=device, dtype=torch.long))
+        _PACK_ROWS[key] = PackRows(index_tensor(tuple(rows), device), index_tensor(tuple(src), device))
     return _PACK_ROWS[key]
 
 
@@ -105,25 +104,15 @@ def _rows_of(mask: list[bool], sel: list[int], off: int, owner: list[int], n_t: 
     return _pack_rows([r for r, _ in chosen], [s for _, s in chosen], off, device)
 
 
-_SOURCE_ROWS: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
-
-
 def _source_rows(srcs: tuple[int, ...], device: torch.device) -> slice | torch.Tensor | None:
-    """The source latents a call carries: a slice when they are the first ones, else a cached index."""
+    """The source latents a call carries: a slice when they are the first ones, else their index."""
     if not srcs:
         return None
-    if srcs == tuple(range(len(srcs))):
-        return slice(0, len(srcs))
-    key = (str(device), srcs)
-    if key not in _SOURCE_ROWS:
-        if len(_SOURCE_ROWS) >= 4096:
-            _SOURCE_ROWS.clear()
-        _SOURCE_ROWS[key] = torch.tensor(srcs, device=device, dtype=torch.long)
-    return _SOURCE_ROWS[key]
+    return slice(0, len(srcs)) if srcs == tuple(range(len(srcs))) else index_tensor(srcs, device)
 
 
 def _plan(owner: list[int], targets: list[Target], n_sources: int, uncond: TextCond, steps: int, max_batch: int,
-          device: torch.device, kinds: int) -> list[list[_Call]]:
+          device: torch.device, kinds: int) -> list[list[Call]]:
     """Every call of every step. owner[t] = the source of target t; element e is target e % T."""
     n_t = len(targets)
     n_el = kinds * n_t
@@ -153,7 +142,7 @@ def _plan(owner: list[int], targets: list[Target], n_sources: int, uncond: TextC
                 rows = all_emb.rows(index)
                 cache[key] = (TextCond.cat([uncond.expand(len(srcs)), rows]) if srcs else rows, index)
             emb, index = cache[key]
-            calls.append(_Call(index, len(sel), _source_rows(srcs, device), len(srcs),
+            calls.append(Call(index, len(sel), _source_rows(srcs, device), len(srcs),
                                bool(srcs) and stop < n_el, _rows_of(inj_f, sel, off, owner, n_t, pos, device),
                                _rows_of(inj_a, sel, off, owner, n_t, pos, device), emb))
             start = stop

@@ -71,7 +71,7 @@ class SampleOutput:
 
 
 @dataclass
-class _Call:
+class Call:
     """One UNet call of a step (also the pack sampler's, pnp/packs.py)."""
 
     elements: torch.Tensor  # indices into the element list (device)
@@ -102,24 +102,28 @@ def blend_alphas(schedule: str, alpha: float, steps: int) -> tuple[float, ...]:
 _ROW_INDEX: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
 
+def index_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The long tensor of `values` on `device`, one per pattern (also the pack sampler's, pnp/packs.py)."""
+    key = (str(device), values)
+    if key not in _ROW_INDEX:
+        if len(_ROW_INDEX) >= 4096:  # row patterns are few; bound it anyway (graphs keep their own alive)
+            _ROW_INDEX.clear()
+        _ROW_INDEX[key] = torch.tensor(values, device=device, dtype=torch.long)
+    return _ROW_INDEX[key]
+
+
 def _rows(mask: list[bool], offset: int, device: torch.device) -> slice | torch.Tensor | None:
     """Rows (of a call's batch) selected by mask, as a slice when contiguous to the end, else an index."""
     if not any(mask):
         return None
     if all(mask):
         return slice(offset, None)
-    idx = tuple(offset + j for j, m in enumerate(mask) if m)
-    key = (str(device), idx)
-    if key not in _ROW_INDEX:
-        if len(_ROW_INDEX) >= 4096:  # row patterns are few; bound it anyway (graphs keep their own alive)
-            _ROW_INDEX.clear()
-        _ROW_INDEX[key] = torch.tensor(idx, device=device, dtype=torch.long)
-    return _ROW_INDEX[key]
+    return index_tensor(tuple(offset + j for j, m in enumerate(mask) if m), device)
 
 
 def _plan(
     targets: list[Target], uncond: TextCond, steps: int, max_batch: int, device: torch.device, blend: bool
-) -> list[list[_Call]]:
+) -> list[list[Call]]:
     """Every UNet call of every step (one list per step), decided before the loop."""
     k = len(targets)
     kinds = 3 if blend else 2
@@ -131,7 +135,7 @@ def _plan(
     embs += [t.negative for t in targets] + [t.cond for t in targets]
     all_emb = TextCond.cat(embs)
     emb_cache: dict = {}
-    plan: list[list[_Call]] = []
+    plan: list[list[Call]] = []
     for i in range(steps):
         inject_f = [i < targets[owner[e]].f_steps for e in range(len(owner))]
         inject_a = [i < targets[owner[e]].attn_steps for e in range(len(owner))]
@@ -152,7 +156,7 @@ def _plan(
                 emb_cache[key] = (TextCond.cat([uncond, rows]) if has_source else rows, index)
             emb, elements = emb_cache[key]
             calls.append(
-                _Call(
+                Call(
                     elements=elements,
                     n=len(sel),
                     sources=slice(0, 1) if has_source else None,
@@ -233,7 +237,7 @@ def target_settings(targets: list[Target], steps: int, device: torch.device, dty
     return targets, g, alphas
 
 
-def denoise(unet, controller, arm: Callable[[_Call], None] | None, sched, ts: torch.Tensor, plan: list[list[_Call]],
+def denoise(unet, controller, arm: Callable[[Call], None] | None, sched, ts: torch.Tensor, plan: list[list[Call]],
             src: torch.Tensor, owner: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor,
             alphas: torch.Tensor | None, kinds: int, region: Region | None,
             on_step: Callable[[int], None] | None) -> tuple[torch.Tensor, int, int, int]:

@@ -27,24 +27,20 @@ short_side` with other aspect ratios) are sampled in separate calls, one per kin
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
-import numpy as np
 import torch
 
 from pnp_batch.io.images import decode_image, resize_source
 from pnp_batch.io.inputs import open_row_input
 from pnp_batch.io.rows import Row
 from pnp_batch.masks.group import RegionMasks, RowMask
-from pnp_batch.pnp.graphs import GraphedUNet, base_unet
-from pnp_batch.pnp.injection import PnPInjector
 from pnp_batch.pnp.inversion import ddim_invert_many
-from pnp_batch.pnp.packs import PackController, pnp_sample_pack
+from pnp_batch.pnp.packs import pnp_sample_pack
 from pnp_batch.translate.finish import Feats, submit_rows, usable_rows
 from pnp_batch.translate.outputs import row_message
 from pnp_batch.translate.pack_plan import pack_size
@@ -64,6 +60,7 @@ class _Slot:
             tr._record(r, "failed", error=r.error, attempt=attempt) for r in group if r.error and not r.companion]
         self.rows = [r for r in group if not r.error]
         self.data: bytes | None = None
+        self.sha: str | None = None  # the source bytes' sha256 (the records name them)
         self.prompt = ""
         self.feats: Feats | None = None
         self.masks: dict[str, RowMask] = {}  # id -> mask (mask_mode), for the rows whose mask could be used
@@ -132,13 +129,13 @@ def _features(tr, slots: list[_Slot], n: int) -> None:
         try:
             s.data = first.image_bytes if first.image_bytes is not None else open_row_input(first.image, tr.policy)
             s.prompt = tr._inversion_prompt(first)
-            sha = tr._sha256(s.data)
+            sha = s.sha = tr._sha256(s.data)
             key = tr._key(sha, s.prompt)
             if key in seen:
                 s.twin = seen[key]
                 continue
             seen[key] = s
-            hit = _stored(tr, key)
+            hit = tr._stored(key)
             if hit is not None:
                 tr.counters.cache_hits += 1
                 s.feats = Feats(hit.to(tr.models.device), key, True, time.perf_counter() - t0)
@@ -185,44 +182,13 @@ def _features(tr, slots: list[_Slot], n: int) -> None:
             s.prepared = t.prepared
 
 
-def _stored(tr, key: str) -> torch.Tensor | None:
-    writing = tr._feature_writes.get(key)
-    if writing is not None:
-        return writing[0]
-    hit = tr._prefetched.pop(key, None) if key in tr._prefetched else tr.features.get(key)
-    return hit[0] if hit is not None else None
-
-
-def use_pack_points(tr, points) -> PackController:
-    """Install an injector with a PackController for `points` (kept while packs use that setting)."""
-    inj = tr.injector
-    if isinstance(inj.controller, PackController) and inj.points == points:
-        return inj.controller
-    inj.remove()
-    tr.injector = PnPInjector(base_unet(tr.models.unet), points, controller=PackController())
-    if isinstance(tr.models.unet, GraphedUNet):  # one set of graphs per layer setting, per pack shape inside
-        tr.models.unet.use(f"pack:{hash(points)}", tr.injector.controller)
-    return tr.injector.controller
-
-
-def use_plain_points(tr) -> None:
-    """Give the translator back an injector with a plain PnPController (after packs; the bench's N = 1)."""
-    inj = tr.injector
-    if not isinstance(inj.controller, PackController):
-        return
-    inj.remove()
-    tr.injector = PnPInjector(base_unet(tr.models.unet), inj.points)
-    if isinstance(tr.models.unet, GraphedUNet):
-        tr.models.unet.use("pnp" if inj.points == tr.points else f"pnp:{hash(inj.points)}", tr.injector.controller)
-
-
 def _sample(tr, kind: tuple, run: list[tuple[_Slot, list[Row]]], attempt: int) -> None:
     """Sample one run of slots of one kind in shared calls, decode each slot's images, write them."""
-    points, mode, _ = kind
+    points = kind[0]
     live = [(s, rows) for s, rows in run if s.feats is not None or s.failed is not None]
     t0 = time.perf_counter()
     try:
-        controller = use_pack_points(tr, points)
+        controller = tr.use_points(points, pack=True)
         ref = next(s.feats.latents for s, _ in live if s.feats is not None)
         lats, targets, negs = [], [], []
         for s, rows in live:
@@ -230,19 +196,12 @@ def _sample(tr, kind: tuple, run: list[tuple[_Slot, list[Row]]], attempt: int) -
             t, ng = tr._targets(rows, ref.shape)
             targets.append(t)
             negs.append(ng)
-        region = None
-        if tr.masks is not None:  # every row of the run blends with its own mask (fillers: nowhere)
-            region = RegionMasks.region([r for _, rows in live for r in rows],
-                                        {k: m for s, _ in live for k, m in s.masks.items()}, tr.cfg.steps, ref.device)
+        masks = {k: m for s, _ in live for k, m in s.masks.items()}  # each row its own mask (fillers: none)
+        region = RegionMasks.region([r for _, rows in live for r in rows], masks, tr.cfg.steps,
+                                    ref.device) if masks else None
         out = pnp_sample_pack(tr.models.unet, controller, tr.models.scheduler_config, lats,
                               tr.condition([""], ref.shape), targets, tr.cfg.steps, tr.max_batch, region=region)
-        tr.counters.sample_calls += out.unet_calls
-        tr.counters.sample_elements += out.batch_elements
-        tr.counters.source_elements += out.source_elements
-        if tr.image_prompts is not None:
-            tr.counters.image_encodes = tr.image_prompts.encoded
-        per_target = 3 if mode == "blend" else 2
-        k_max = max(1, (tr.max_batch - 1) // per_target)
+        tr.count_sampling(out)
         t_tr = (time.perf_counter() - t0) / max(1, sum(len(rows) for _, rows in live))
     except Exception as e:
         log.exception("translation of a pack of %d sources failed", len(live))
@@ -255,11 +214,8 @@ def _sample(tr, kind: tuple, run: list[tuple[_Slot, list[Row]]], attempt: int) -
     for (s, rows), lat, ng in zip(live, out.latents, negs):
         if s.feats is None or all(r.companion for r in rows):
             continue  # a filler slot, or companions only: nothing written
-        images = np.concatenate([tr.decode(lat[i : i + k_max]) for i in range(0, len(rows), k_max)])
-        if s.masks:
-            images = tr.masks.paste(rows, images, s.masks, s.data)
+        images = tr.images(lat, rows, s.masks, s.data)
         source = None
         if tr.scorer is not None:
             source = s.prepared if s.prepared is not None else tr._eval_source({}, 0, s.data)
-        sha = hashlib.sha256(s.data).hexdigest() if s.data is not None else None
-        s.records += submit_rows(tr, rows, images, ng, s.masks, s.feats, t_tr, attempt, source, sha)
+        s.records += submit_rows(tr, rows, images, ng, s.masks, s.feats, t_tr, attempt, source, s.sha)

@@ -91,17 +91,10 @@ class SourceFeatures:
                     same.append((i, seen_keys[key]))
                     continue
                 seen_keys[key] = i
-                writing = self._feature_writes.get(key)
-                if writing is not None:
-                    hit = (writing[0], None)
-                else:
-                    # None: prefetch found the object corrupt (and said so): recompute, do not read it again
-                    hit = self._prefetched.pop(key, _NOT_READ)
-                    if hit is _NOT_READ:
-                        hit = self.features.get(key)
+                hit = self._stored(key)
                 if hit is not None:
                     self.counters.cache_hits += 1
-                    results[i] = (hit[0].to(self.models.device), key, True, time.perf_counter() - t0)
+                    results[i] = (hit.to(self.models.device), key, True, time.perf_counter() - t0)
                     continue
                 img = decode_image(data, self.cfg.max_pixels)
                 resized = resize_source(img, self.cfg.resolution, self.cfg.resize_mode)
@@ -146,6 +139,18 @@ class SourceFeatures:
             if not isinstance(results[j], Exception):
                 self.counters.cache_hits += 1
         return results
+
+    def _stored(self, key: str) -> torch.Tensor | None:
+        """A source's stored latents: being written by this worker, read ahead by prefetch, or from the
+        feature store; None when there are none (or prefetch found them corrupt and said so: recompute,
+        do not read them again)."""
+        writing = self._feature_writes.get(key)
+        if writing is not None:
+            return writing[0]
+        hit = self._prefetched.pop(key, _NOT_READ)
+        if hit is _NOT_READ:
+            hit = self.features.get(key)
+        return hit[0] if hit is not None else None
 
     def _sha256(self, data: bytes) -> str:
         """The source's sha256, computed once: prefetch already hashed the bytes it read ahead (the

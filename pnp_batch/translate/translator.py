@@ -30,8 +30,9 @@ from pnp_batch.models.load import Models, load_models
 from pnp_batch.models.tiny import TEST_MODEL_NOTE
 from pnp_batch.pnp.conditioning import TextCond
 from pnp_batch.pnp.graphs import GraphedUNet, base_unet
-from pnp_batch.pnp.injection import PnPInjector
+from pnp_batch.pnp.injection import PnPController, PnPInjector
 from pnp_batch.pnp.layers import InjectionPoints, injection_points
+from pnp_batch.pnp.packs import PackController
 from pnp_batch.pnp.sampler import Target, blend_alphas, pnp_sample
 from pnp_batch.translate.finish import Feats, submit_rows, usable_rows
 from pnp_batch.translate.image_prompts import ImagePrompts
@@ -170,17 +171,21 @@ class Translator(SourceFeatures):
         return self.injection_points(o.get("pnp_feature_blocks", self.cfg.pnp_feature_blocks),
                                      o.get("pnp_attn_layers", self.cfg.pnp_attn_layers))
 
-    def use_points(self, points: InjectionPoints) -> None:
+    def use_points(self, points: InjectionPoints, pack: bool = False) -> PnPController:
         """Install the injector for `points` in place of the current one (a group with another layer
-        setting). With CUDA graphs, each layer setting keeps its own set of graphs (GraphedUNet.use):
-        a graph records the processors and hooks installed when it was captured."""
-        if points == self.injector.points:
-            return
-        self.injector.remove()
-        self.injector = PnPInjector(base_unet(self.models.unet), points)
+        setting), driven by a plain PnPController, or with `pack` by a PackController (packs of sources,
+        translate/packs.py); returns the controller. With CUDA graphs, each layer setting and controller
+        kind keeps its own set of graphs (GraphedUNet.use): a graph records the processors and hooks
+        installed when it was captured."""
+        inj = self.injector
+        if points == inj.points and isinstance(inj.controller, PackController) == pack:
+            return inj.controller
+        inj.remove()
+        self.injector = PnPInjector(base_unet(self.models.unet), points, controller=PackController() if pack else None)
         if isinstance(self.models.unet, GraphedUNet):
-            name = "pnp" if points == self.points else f"pnp:{hash(points)}"
+            name = f"pack:{hash(points)}" if pack else "pnp" if points == self.points else f"pnp:{hash(points)}"
             self.models.unet.use(name, self.injector.controller)
+        return self.injector.controller
 
     @property
     def window(self) -> int:
@@ -297,8 +302,6 @@ class Translator(SourceFeatures):
         `masks` (id -> RowMask) confine each row's edit (docs/masks.md); `source_data` is the source for the
         paste of its pixels."""
         self.use_points(self.row_points(rows[0]))
-        per_target = 3 if self._negative_mode(rows) == "blend" else 2
-        k_max = max(1, (self.max_batch - 1) // per_target)
         uncond = self.condition([""], latents.shape)
         images, negs = [], []
         for first in range(0, len(rows), MAX_TARGETS_PER_LOOP):  # bounds the latents held (huge grids)
@@ -315,15 +318,27 @@ class Translator(SourceFeatures):
                 self.max_batch,
                 region=RegionMasks.region(chunk, masks, self.cfg.steps, latents.device) if masks else None,
             )
-            self.counters.sample_calls += out.unet_calls
-            self.counters.sample_elements += out.batch_elements
-            self.counters.source_elements += out.source_elements
-            if self.image_prompts is not None:
-                self.counters.image_encodes = self.image_prompts.encoded
-            decoded = np.concatenate([self.decode(out.latents[s : s + k_max]) for s in range(0, len(chunk), k_max)])
-            images.append(self.masks.paste(chunk, decoded, masks, source_data) if masks else decoded)
+            self.count_sampling(out)
+            images.append(self.images(out.latents, chunk, masks, source_data))
             negs += chunk_negs
         return np.concatenate(images), negs
+
+    def count_sampling(self, out) -> None:
+        """Add a sampling loop's UNet work (pnp_sample's or pnp_sample_pack's) to the counters."""
+        self.counters.sample_calls += out.unet_calls
+        self.counters.sample_elements += out.batch_elements
+        self.counters.source_elements += out.source_elements
+        if self.image_prompts is not None:
+            self.counters.image_encodes = self.image_prompts.encoded
+
+    def images(self, latents: torch.Tensor, rows: list[Row], masks: dict[str, RowMask] | None,
+               source_data: bytes | None) -> np.ndarray:
+        """The rows' 8-bit images from their final latents, decoded a call's targets at a time, with the
+        source's pixels pasted outside the masks that ask for it."""
+        per_target = 3 if self._negative_mode(rows) == "blend" else 2
+        k_max = max(1, (self.max_batch - 1) // per_target)
+        decoded = np.concatenate([self.decode(latents[s : s + k_max]) for s in range(0, len(rows), k_max)])
+        return self.masks.paste(rows, decoded, masks, source_data) if masks else decoded
 
     def process(self, rows: list[Row], attempt: int = 1) -> list[dict[str, Any]]:
         """Translate every row of a group (rows sharing one source image); one record per row."""

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,21 +29,6 @@ MB = 1024 * 1024
 # CPU float results depend on the intra-op thread count: a run that starts its own Ray gives each of its
 # 2 workers CPUs // 2 threads; the local reference and the two-node cluster use the same count.
 THREADS = max(1, (os.cpu_count() or 1) // 2)
-
-
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[str]:
-    """The session's small local Ray instance (test_ray_engine's ray_instance, by another name: a fixture
-    is not shared across test modules without a conftest); yields its address."""
-    if ray.is_initialized():
-        yield ray.get_runtime_context().gcs_address
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * MB, log_to_driver=True,
-             configure_logging=False)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -171,14 +156,14 @@ def test_the_node_taken_away_stops_the_run_and_the_next_run_finishes(
 
 
 @pytest.mark.slow
-def test_no_worker_within_the_timeout_stops_the_run(manifest: Path, tmp_path: Path, ray_session: str,
+def test_no_worker_within_the_timeout_stops_the_run(manifest: Path, tmp_path: Path, ray_instance: str,
                                                     capfd: pytest.CaptureFixture) -> None:
     """Actors that no node can host (a GPU each on a CPU cluster: they wait for an autoscaler that never
     comes) stop the run after --worker-timeout, with nothing recorded and the summary saying why."""
     out = tmp_path / "out"
     t0 = time.monotonic()
     code = run_cli(str(manifest), "--out", str(out), "--engine", "ray", "--workers", "1", "--ray-address",
-                   ray_session, "--gpus-per-worker", "1", "--worker-timeout", "2", *FAST)
+                   ray_instance, "--gpus-per-worker", "1", "--worker-timeout", "2", *FAST)
     took = time.monotonic() - t0
     err = capfd.readouterr().err
     assert code == 3, err[-3000:]

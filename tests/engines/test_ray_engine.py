@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,20 +22,6 @@ ray = pytest.importorskip("ray")
 FAST = ["--pipeline", "tiny", "--set", "steps=4", "--set", "inversion_steps=4", "--set", "resolution=64",
         "--no-report"]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def ray_instance() -> Iterator[str]:
-    """One small local Ray instance for the whole session; yields its address."""
-    if ray.is_initialized():
-        yield ray.get_runtime_context().gcs_address
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024,
-             log_to_driver=True, configure_logging=False)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
 
 
 def _png(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:

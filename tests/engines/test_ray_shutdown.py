@@ -15,13 +15,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_ray_engine import FAST, ROOT, ray_instance, records, run_cli, write_manifest  # noqa: F401
+from test_ray_engine import FAST, ROOT, records, run_cli, write_manifest
 
 ray = pytest.importorskip("ray")
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_ray_driver_cleanly_and_the_rest_resumes(tmp_path: Path, ray_instance: str) -> None:  # noqa: F811
+def test_sigterm_stops_the_ray_driver_cleanly_and_the_rest_resumes(tmp_path: Path, ray_instance: str) -> None:
     manifest = write_manifest(tmp_path / "in", sources=16, per_source=2)  # 32 rows, one window per group
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

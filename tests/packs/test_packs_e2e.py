@@ -4,13 +4,13 @@ N, and `sources_per_batch: 1` keeps today's config hash (and so today's code pat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from conftest import output_images, run_summaries
 from PIL import Image
 
 from pnp_batch.cli import main
@@ -32,14 +32,6 @@ def _inputs(folder: Path, prompts=("a photo of a fox",)) -> Path:
     return folder / "m.csv"
 
 
-def _images(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((out / "images").glob("*.png"))}
-
-
-def _summaries(out: Path) -> list[dict]:
-    return sorted((json.loads(p.read_text()) for p in (out / "runs").glob("*.json")), key=lambda d: d["started_at"])
-
-
 def _run(manifest: Path, out: Path, n: int, *extra: str) -> int:
     return main(["run", str(manifest), "--out", str(out), *FAST, "--set", f"sources_per_batch={n}", *extra])
 
@@ -56,8 +48,8 @@ def packed_reference(tmp_path_factory, tiny_model_dir):
 def test_packs_cut_unet_calls_per_image_and_keep_elements(packed_reference, tmp_path):
     manifest, ref = packed_reference
     assert _run(manifest, tmp_path / "n1", 1) == 0
-    one = _summaries(tmp_path / "n1")[0]["stats"]["unet"]
-    four = _summaries(ref)[0]["stats"]["unet"]
+    one = run_summaries(tmp_path / "n1")[0]["stats"]["unet"]
+    four = run_summaries(ref)[0]["stats"]["unet"]
     images = N_SOURCES  # K = 1
     calls = {n: (u["invert_calls"] + u["sample_calls"]) / images for n, u in ((1, one), (4, four))}
     # 6 sources in packs of 4: [4, 2], 2 calls a step where N = 1 makes 6
@@ -68,7 +60,7 @@ def test_packs_cut_unet_calls_per_image_and_keep_elements(packed_reference, tmp_
     rows = ds.dataset(str(ref / "results")).to_table().to_pylist()
     assert len(rows) == N_SOURCES and {r["status"] for r in rows} == {"ok"}
     # each image is its own source's translation: close to the unpacked one, not another source's
-    a, b = _images(tmp_path / "n1"), _images(ref)
+    a, b = output_images(tmp_path / "n1"), output_images(ref)
     assert a.keys() == b.keys()
     for name in a:
         x = np.asarray(Image.open(tmp_path / "n1" / "images" / name), dtype=int)
@@ -83,8 +75,8 @@ def test_a_run_resumed_mid_pack_writes_the_bytes_of_an_uninterrupted_run(packed_
     # rows of the first pack (slots 1 and 2 of 4) and of the second (slot 1 of 2) are lost
     forget(out, {"s1-0", "s2-0", "s5-0"})
     assert _run(manifest, out, 4) == 0
-    assert _images(out) == _images(ref)
-    last = _summaries(out)[-1]
+    assert output_images(out) == output_images(ref)
+    last = run_summaries(out)[-1]
     assert last["counts"]["ok"] == 3 and last["counts"]["companions"] == 3  # s0, s3 with the first; s4
     unet = last["stats"]["unet"]
     assert unet["inversions"] == 0 and unet["cache_hits"] == N_SOURCES  # companions' features from the store
@@ -100,9 +92,9 @@ def test_a_pack_keeps_its_slots_when_a_source_cannot_be_read(packed_reference, t
     (folder / "s1.png").write_bytes(b"not a png")
     out = tmp_path / "out"
     assert _run(folder / "m.csv", out, 4) == 1  # s1's row failed
-    got = _images(out)
+    got = output_images(out)
     assert "s1-0.png" not in got
-    assert got == {k: v for k, v in _images(ref).items() if k != "s1-0.png"}
+    assert got == {k: v for k, v in output_images(ref).items() if k != "s1-0.png"}
 
 
 def test_sources_per_batch_one_keeps_the_config_hash_and_checks_its_values():

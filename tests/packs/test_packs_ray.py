@@ -4,7 +4,6 @@ the manifest), so a Ray run resumed after a failure mid-pack writes the local en
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +14,6 @@ ray = pytest.importorskip("ray")
 
 FAST = ["--pipeline", "tiny", "--set", "steps=4", "--set", "inversion_steps=4", "--set", "resolution=64",
         "--no-report", "--set", "sources_per_batch=2"]
-
-
-@pytest.fixture(scope="module")
-def ray_instance() -> Iterator[str]:
-    if ray.is_initialized():
-        yield ray.get_runtime_context().gcs_address
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024,
-             log_to_driver=True, configure_logging=False)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
 
 
 def _manifest(folder: Path) -> Path:

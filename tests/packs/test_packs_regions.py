@@ -5,13 +5,13 @@ resumed mid-pack writes the bytes of an uninterrupted one."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import output_images, run_summaries
 from PIL import Image
 
 from pnp_batch.cli import main
@@ -54,10 +54,6 @@ def _run(manifest: str, out: Path, n: int, *extra: str) -> int:
     return main(["run", manifest, "--out", str(out), *FAST, "--set", f"sources_per_batch={n}", *extra])
 
 
-def _images(out: Path) -> dict[str, bytes]:
-    return {p.stem: p.read_bytes() for p in sorted((out / "images").glob("*.png"))}
-
-
 def _pixels(out: Path, rid: str) -> np.ndarray:
     return np.asarray(Image.open(out / "images" / f"{rid}.png")).astype(int)
 
@@ -66,12 +62,8 @@ def _records(out: Path) -> dict[str, dict]:
     return {r["id"]: r for r in pq.read_table(out / "results").to_pylist()}
 
 
-def _summary(out: Path) -> dict:
-    return max((json.loads(p.read_text()) for p in (out / "runs").glob("*.json")), key=lambda d: d["started_at"])
-
-
 def _unet(out: Path) -> tuple[int, int, int]:
-    u = _summary(out)["stats"]["unet"]
+    u = run_summaries(out)[-1]["stats"]["unet"]
     return u["sample_calls"], u["sample_elements"], u["source_elements"]
 
 
@@ -95,8 +87,8 @@ def masked(tmp_path_factory, tiny_model_dir):
 def test_masks_ride_in_packs_the_kept_half_exactly_the_source(masked):
     folder, _ = masked
     n1, n4 = folder / "n1", folder / "n4"
-    assert _images(n1).keys() == _images(n4).keys() and len(_images(n4)) == 2 * N_SOURCES
-    u1, u4 = (_summary(folder / n)["stats"]["unet"] for n in ("n1", "n4"))
+    assert output_images(n1).keys() == output_images(n4).keys() and len(output_images(n4)) == 2 * N_SOURCES
+    u1, u4 = (run_summaries(folder / n)[-1]["stats"]["unet"] for n in ("n1", "n4"))
     assert u4["sample_calls"] < u1["sample_calls"] and u4["sample_elements"] == u1["sample_elements"]
     for i in range(N_SOURCES):
         src = np.asarray(resize_source(decode_image((folder / f"s{i}.png").read_bytes(), 10**8), RES,
@@ -120,7 +112,7 @@ def test_an_unusable_mask_fails_its_row_and_leaves_the_pack_as_it_was(masked, tm
     recs = _records(out)
     for rid in ("s1-0", "s1-1", "s2-0", "s2-1"):
         assert recs[rid]["status"] == "failed" and "mask" in recs[rid]["error"], rid
-    got, ref = _images(out), _images(folder / "n4")
+    got, ref = output_images(out), output_images(folder / "n4")
     assert set(got) == {k for k in ref if not k.startswith(("s1-", "s2-"))}
     assert got == {k: ref[k] for k in got}  # its neighbours' bytes: as when every mask could be used
     # the failed rows stayed in their pack as fillers: the very calls of the run where they could be used
@@ -134,8 +126,8 @@ def test_a_masked_run_resumed_mid_pack_writes_the_uninterrupted_bytes(masked, tm
     assert _run(manifest, out, 4, *PASTE) == 0
     forget(out, {"s1-1", "s3-0", "s4-1"})
     assert _run(manifest, out, 4, *PASTE) == 0
-    assert _images(out) == _images(folder / "n4")
-    assert _summary(out)["counts"]["ok"] == 3
+    assert output_images(out) == output_images(folder / "n4")
+    assert run_summaries(out)[-1]["counts"]["ok"] == 3
 
 
 def test_found_masks_in_packs_and_a_resumed_run_keeps_their_bytes(tmp_path, tiny_model_dir, forget):
@@ -144,16 +136,16 @@ def test_found_masks_in_packs_and_a_resumed_run_keeps_their_bytes(tmp_path, tiny
     the unpacked ones bit for bit); a run resumed mid-pack reads the masks back and writes the same bytes."""
     auto = ["--set", "mask_mode=auto", "--set", "mask_samples=2"]
     _, manifest = _unpacked_and_packed(_folder(tmp_path), {}, *auto)
-    u1, u4 = (_summary(tmp_path / n)["stats"]["unet"] for n in ("n1", "n4"))
+    u1, u4 = (run_summaries(tmp_path / n)[-1]["stats"]["unet"] for n in ("n1", "n4"))
     assert u4["masks_found"] == u1["masks_found"] == 2 * N_SOURCES
     assert u4["mask_elements"] == u1["mask_elements"]
     assert u4["sample_calls"] < u1["sample_calls"]
     assert len(list((tmp_path / "n4" / "masks").glob("*.png"))) == 2 * N_SOURCES
-    ref = _images(tmp_path / "n4")
+    ref = output_images(tmp_path / "n4")
     forget(tmp_path / "n4", {"s0-1", "s4-0"})
     assert _run(manifest, tmp_path / "n4", 4, *auto) == 0
-    assert _images(tmp_path / "n4") == ref
-    last = _summary(tmp_path / "n4")["stats"]["unet"]
+    assert output_images(tmp_path / "n4") == ref
+    last = run_summaries(tmp_path / "n4")[-1]["stats"]["unet"]
     assert last["masks_found"] == 0 and last["mask_calls"] == 0 and last["mask_cache_hits"] == 10  # both packs, companions too
 
 
@@ -168,11 +160,12 @@ def prompted(tmp_path_factory, tiny_model_dir):
 
 def test_image_prompts_ride_in_packs(prompted):
     folder, _ = prompted
-    a, b = _images(folder / "n1"), _images(folder / "n4")
+    a, b = output_images(folder / "n1"), output_images(folder / "n4")
     assert a.keys() == b.keys() and len(b) == 2 * N_SOURCES
-    for rid in a:
+    for name in a:
+        rid = name.removesuffix(".png")
         assert np.abs(_pixels(folder / "n1", rid) - _pixels(folder / "n4", rid)).max() <= 2, rid
-    u1, u4 = (_summary(folder / n)["stats"]["unet"] for n in ("n1", "n4"))
+    u1, u4 = (run_summaries(folder / n)[-1]["stats"]["unet"] for n in ("n1", "n4"))
     assert u4["image_encodes"] == u1["image_encodes"] == 1
     assert u4["sample_calls"] < u1["sample_calls"] and u4["sample_elements"] == u1["sample_elements"]
 
@@ -185,7 +178,7 @@ def test_an_unusable_image_prompt_fails_its_row_and_leaves_the_pack_as_it_was(pr
     assert _run(bad, out, 4, *IP) == 1
     recs = _records(out)
     assert {recs[r]["status"] for r in ("s2-0", "s2-1")} == {"failed"}
-    got, ref = _images(out), _images(folder / "n4")
+    got, ref = output_images(out), output_images(folder / "n4")
     assert set(got) == {k for k in ref if not k.startswith("s2-")}
     assert got == {k: ref[k] for k in got}
     assert _unet(out) == _unet(folder / "n4")  # the failed rows sampled as fillers: the same calls
@@ -197,4 +190,4 @@ def test_an_image_prompt_run_resumed_mid_pack_writes_the_uninterrupted_bytes(pro
     assert _run(manifest, out, 4, *IP) == 0
     forget(out, {"s0-1", "s2-0"})
     assert _run(manifest, out, 4, *IP) == 0
-    assert _images(out) == _images(folder / "n4")
+    assert output_images(out) == output_images(folder / "n4")

@@ -4,12 +4,12 @@ writes the uninterrupted run's bytes."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
+from conftest import output_images, run_summaries
 from PIL import Image
 
 from pnp_batch.cli import main
@@ -29,14 +29,6 @@ def _manifest(folder: Path, sources: int) -> Path:
     return folder / "m.csv"
 
 
-def _images(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((out / "images").glob("*.png"))}
-
-
-def _summaries(out: Path) -> list[dict]:
-    return sorted((json.loads(p.read_text()) for p in (out / "runs").glob("*.json")), key=lambda d: d["started_at"])
-
-
 def _run(manifest: Path, out: Path, *args: str) -> int:
     return main(["run", str(manifest), "--out", str(out), *FAST, *args])
 
@@ -51,9 +43,9 @@ def test_packs_resume_mid_pack_with_the_uninterrupted_bytes(tmp_path, pipeline, 
     assert _run(manifest, out, *args) == 0
     forget(out, {"s1"})
     assert _run(manifest, out, *args) == 0
-    assert _images(out) == _images(ref) and len(_images(ref)) == 3
-    assert _summaries(out)[-1]["counts"]["companions"] == 1
-    assert _summaries(ref)[0]["stats"]["unet"]["sample_calls"] == 2 * 4  # packs [s0, s1], [s2]: 2 calls a step
+    assert output_images(out) == output_images(ref) and len(output_images(ref)) == 3
+    assert run_summaries(out)[-1]["counts"]["companions"] == 1
+    assert run_summaries(ref)[0]["stats"]["unet"]["sample_calls"] == 2 * 4  # packs [s0, s1], [s2]: 2 calls a step
 
 
 def test_a_sweep_in_packs(tmp_path, tiny_model_dir, forget):
@@ -67,15 +59,15 @@ def test_a_sweep_in_packs(tmp_path, tiny_model_dir, forget):
     rows = ds.dataset(str(ref / "results")).to_table().to_pylist()
     assert len(rows) == 8 and {r["status"] for r in rows} == {"ok"}
     assert _run(manifest, one, "--pipeline", "tiny", *SWEEP) == 0
-    u1, u2 = _summaries(one)[0]["stats"]["unet"], _summaries(ref)[0]["stats"]["unet"]
+    u1, u2 = run_summaries(one)[0]["stats"]["unet"], run_summaries(ref)[0]["stats"]["unet"]
     assert u2["sample_elements"] == u1["sample_elements"]
     assert u1["sample_calls"] == 4 * 4 and u2["sample_calls"] == 2 * 4  # 4 groups; 2 layer settings a step
     assert u2["inversions"] == u1["inversions"] == 2 and u2["invert_calls"] == 4  # both sources in one call
-    for name in _images(one):
+    for name in output_images(one):
         x = np.asarray(Image.open(ref / "images" / name), dtype=int)
         assert np.abs(x - np.asarray(Image.open(one / "images" / name), dtype=int)).max() <= 2, name
     assert _run(manifest, out, *packed) == 0
     third = sorted(r["id"] for r in ds.dataset(str(out / "results")).to_table().to_pylist() if r["id"].startswith("s1."))[2]
     forget(out, {third})  # a row of the second source's grid (ids from the swept values, docs/sweeps.md)
     assert _run(manifest, out, *packed) == 0
-    assert _images(out) == _images(ref)
+    assert output_images(out) == output_images(ref)
